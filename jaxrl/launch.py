@@ -1,0 +1,156 @@
+"""python -m jaxrl.launch [CONFIG] [key.sub=value ...] [--print-config] [--help]
+
+CONFIG is a YAML path or a name in configs/ (default: quickstart). The YAML's `recipe:` key
+picks `jaxrl/recipes/<recipe>.py`, whose `Config` dataclass types every key. Everything is
+checked before any device work: config problems exit with status 2 and say what to change.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import os
+import pkgutil
+import sys
+from pathlib import Path
+
+from jaxrl.core.config import ConfigError, build, dump, merge, parse_overrides, read_yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = "quickstart"
+
+
+def recipe_names() -> list[str]:
+    import jaxrl.recipes
+
+    return sorted(m.name for m in pkgutil.iter_modules(jaxrl.recipes.__path__))
+
+
+def load_recipe(name: str, source: str):
+    names = recipe_names()
+    if name not in names:
+        guess = difflib.get_close_matches(str(name), names, n=1)
+        hint = f" Did you mean '{guess[0]}'?" if guess else ""
+        raise ConfigError(f"{source}: unknown recipe {name!r}.{hint} Valid recipes: "
+                          f"{', '.join(names)}.")
+    return importlib.import_module(f"jaxrl.recipes.{name}")
+
+
+def resolve_path(arg: str) -> Path:
+    path = Path(arg)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return CONFIG_DIR / f"{arg}.yaml"
+
+
+def load(config_arg: str, overrides: list[str]):
+    """-> (recipe module, typed config) with run.dir resolved. Touches no device."""
+    path = resolve_path(config_arg)
+    data = merge(read_yaml(path), parse_overrides(overrides))
+    if "recipe" not in data:
+        raise ConfigError(f"{path}: missing top-level key 'recipe' (one of: "
+                          f"{', '.join(recipe_names())}).")
+    module = load_recipe(data["recipe"], str(path))
+    cfg = build(module.Config, data, source=str(path))
+    if not cfg.run.dir:
+        cfg.run.dir = str(Path("runs") / path.stem)
+    return module, cfg
+
+
+def init_distributed(cfg) -> None:
+    """Start jax.distributed before any device is touched (pods, clusters, local multi-process)."""
+    import jax
+
+    dist = cfg.distributed
+    if dist.local_device_count:
+        jax.config.update("jax_num_cpu_devices", dist.local_device_count)
+    if dist.coordinator:
+        jax.distributed.initialize(
+            coordinator_address=dist.coordinator,
+            num_processes=dist.num_processes,
+            process_id=None if dist.process_id < 0 else dist.process_id,
+        )
+    elif _on_multihost_tpu():
+        jax.distributed.initialize()  # coordinator and ids come from the TPU metadata
+
+
+def _on_multihost_tpu() -> bool:
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts
+
+
+def usage() -> str:
+    lines = [__doc__.strip(), "", "Recipes:"]
+    for name in recipe_names():
+        doc = (importlib.import_module(f"jaxrl.recipes.{name}").__doc__ or "").strip()
+        lines.append(f"  {name:<20} {doc.splitlines()[0] if doc else ''}")
+    lines += ["", f"Configs ({CONFIG_DIR}):"]
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        first = path.read_text().splitlines()[:1]
+        about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        lines.append(f"  {path.stem:<28} {about}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        return 0
+    print_only = "--print-config" in argv
+    argv = [a for a in argv if a != "--print-config"]
+    unknown_flags = [a for a in argv if a.startswith("--") and "=" not in a]
+    if unknown_flags:
+        print(f"error: unknown option {unknown_flags[0]}; see --help", file=sys.stderr)
+        return 2
+    positional = [a for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    if len(positional) > 1:
+        print(f"error: one CONFIG expected, got {positional}; overrides look like key=value",
+              file=sys.stderr)
+        return 2
+    try:
+        module, cfg = load(positional[0] if positional else DEFAULT_CONFIG, overrides)
+        if print_only:
+            print(dump(cfg), end="")
+            return 0
+        init_distributed(cfg)
+        import jax
+
+        from jaxrl.core.mesh import mesh_shape
+
+        mesh_shape(cfg.mesh, jax.device_count())
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return run(module, cfg)
+
+
+def run(module, cfg) -> int:
+    import jax
+
+    from jaxrl.core.loop import NonFiniteError, Preempted
+
+    run_dir = Path(cfg.run.dir)
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump(cfg))
+    try:
+        result = module.run(cfg)
+    except Preempted as e:
+        print(f"[jaxrl] {e}", flush=True)
+        return 0
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0 and result is not None:
+        (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
