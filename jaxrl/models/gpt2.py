@@ -1,0 +1,421 @@
+"""GPT-2 as a Flax NNX module, with Hugging Face checkpoint import and export.
+
+The module mirrors the HF parameter names (`wte`, `h[i].attn.c_attn`, ...) so conversion is a
+renaming, and HF's Conv1D weights are already `[in, out]`, the layout of `nnx.Linear.kernel`.
+The vocabulary has one extra row for the pad token (id 50257): pad keys are masked in every
+attention, so padding never leaks into real positions. Parameters carry the logical axis names
+of `jaxrl.core.sharding` ("vocab", "embed", "heads", "mlp"); placing them on a mesh is the
+caller's job (`nnx.get_partition_spec` + the logical rules).
+
+Decoding uses an explicit, functional `KVCache` (a pytree passed in and returned), so the whole
+decode loop can live inside one `jax.lax.while_loop` (see `jaxrl.models.generate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+GPT2_VOCAB_SIZE = 50257  # HF / OpenAI vocabulary; <|endoftext|> = 50256
+PAD_ID = 50257  # our extra row; never produced by the tokenizer's BPE
+
+_PRESETS = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, n_positions=256),
+    "124M": dict(n_layer=12, n_head=12, n_embd=768),
+    "350M": dict(n_layer=24, n_head=16, n_embd=1024),
+    "774M": dict(n_layer=36, n_head=20, n_embd=1280),
+    "1.5B": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Architecture and numerics. Dtypes are names ("float32" | "bfloat16") so YAML can set them."""
+
+    vocab_size: int = GPT2_VOCAB_SIZE + 1  # + pad row
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0  # HF GPT-2 trains with 0.1; fine-tuning usually uses 0
+    layer_norm_epsilon: float = 1e-5
+    pad_id: int = PAD_ID
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype of matmuls; softmax and LayerNorm stats stay f32
+    remat: bool = False  # recompute each block in the backward pass (saves activation memory)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> GPT2Config:
+        if name not in _PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(_PRESETS)}.")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
+        for field in ("param_dtype", "dtype"):
+            if getattr(self, field) not in _DTYPES:
+                raise ValueError(f"{field}={getattr(self, field)!r}; choose one of {sorted(_DTYPES)}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(f"pad_id={self.pad_id} must index the embedding (vocab_size={self.vocab_size}).")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of every layer for `max_len` slots, written left to right.
+
+    `valid[b, s]` says slot s of row b holds a real (non-pad) token; `index` is the next free
+    slot (the same for all rows: prompts are left-padded, so rows advance together).
+    """
+
+    keys: tuple[jax.Array, ...]  # per layer [B, max_len, n_head, head_dim]
+    values: tuple[jax.Array, ...]  # same
+    valid: jax.Array  # [B, max_len] bool
+    index: jax.Array  # [] int32
+
+    @classmethod
+    def empty(cls, cfg: GPT2Config, batch_size: int, max_len: int) -> KVCache:
+        shape = (batch_size, max_len, cfg.n_head, cfg.head_dim)
+        dtype = _DTYPES[cfg.dtype]
+        return cls(
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)),
+            valid=jnp.zeros((batch_size, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+def _normal(stddev: float, names: tuple[str | None, ...]):
+    # eager_sharding=False: the model builds without a mesh; the caller places it on one.
+    return nnx.with_partitioning(nnx.initializers.normal(stddev), names, eager_sharding=False)
+
+
+def _const(init, names: tuple[str | None, ...]):
+    return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def _linear(cfg: GPT2Config, d_in: int, d_out: int, names, stddev: float, rngs: nnx.Rngs):
+    return nnx.Linear(
+        d_in,
+        d_out,
+        kernel_init=_normal(stddev, names),
+        bias_init=_const(nnx.initializers.zeros, names[1:]),
+        dtype=_DTYPES[cfg.dtype],
+        param_dtype=_DTYPES[cfg.param_dtype],
+        rngs=rngs,
+    )
+
+
+def _layer_norm(cfg: GPT2Config, rngs: nnx.Rngs):
+    return nnx.LayerNorm(
+        cfg.n_embd,
+        epsilon=cfg.layer_norm_epsilon,
+        scale_init=_const(nnx.initializers.ones, ("embed",)),
+        bias_init=_const(nnx.initializers.zeros, ("embed",)),
+        dtype=_DTYPES[cfg.dtype],
+        param_dtype=_DTYPES[cfg.param_dtype],
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        self.cfg = cfg
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        self.c_attn = _linear(cfg, cfg.n_embd, 3 * cfg.n_embd, ("embed", "heads"), 0.02, rngs)
+        self.c_proj = _linear(cfg, cfg.n_embd, cfg.n_embd, ("heads", "embed"), residual_std, rngs)
+        self.attn_dropout = nnx.Dropout(cfg.dropout)
+        self.resid_dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, x, attend, *, deterministic, rngs, cached=None):
+        """x: [B,T,C]; attend: [B,T,S] bool; cached: (keys, values, index) of this layer.
+
+        Returns the output, and with a cache the layer's updated (keys, values).
+        """
+        B, T, C = x.shape
+        H, D = self.cfg.n_head, self.cfg.head_dim
+        qkv = self.c_attn(x).reshape(B, T, 3, H, D)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if cached is not None:  # write these T steps at `index`, then attend over all slots
+            keys, values, index = cached
+            k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, index, 0, 0))
+        scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(D)
+        # finfo.min, not -inf: a row with nothing to attend to (a pad query) stays finite.
+        scores = jnp.where(attend[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = self.attn_dropout(probs, deterministic=deterministic, rngs=rngs)
+        out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, C)
+        out = self.resid_dropout(self.c_proj(out), deterministic=deterministic, rngs=rngs)
+        return out if cached is None else (out, (k, v))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        self.c_fc = _linear(cfg, cfg.n_embd, 4 * cfg.n_embd, ("embed", "mlp"), 0.02, rngs)
+        self.c_proj = _linear(cfg, 4 * cfg.n_embd, cfg.n_embd, ("mlp", "embed"), residual_std, rngs)
+        self.dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, x, *, deterministic, rngs):
+        h = jax.nn.gelu(self.c_fc(x), approximate=True)
+        return self.dropout(self.c_proj(h), deterministic=deterministic, rngs=rngs)
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        self.ln_1 = _layer_norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.ln_2 = _layer_norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, attend, *, deterministic, rngs, cached=None):
+        h = self.attn(self.ln_1(x), attend, deterministic=deterministic, rngs=rngs, cached=cached)
+        if cached is not None:
+            h, cached = h
+        x = x + h
+        x = x + self.mlp(self.ln_2(x), deterministic=deterministic, rngs=rngs)
+        return x if cached is None else (x, cached)
+
+
+class GPT2(nnx.Module):
+    """GPT-2 language model with tied input/output embeddings."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        param_dtype, dtype = _DTYPES[cfg.param_dtype], _DTYPES[cfg.dtype]
+        self.wte = nnx.Embed(
+            cfg.vocab_size, cfg.n_embd, embedding_init=_normal(0.02, ("vocab", "embed")),
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )  # fmt: skip
+        self.wpe = nnx.Embed(
+            cfg.n_positions, cfg.n_embd, embedding_init=_normal(0.02, (None, "embed")),
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )  # fmt: skip
+        self.drop = nnx.Dropout(cfg.dropout)
+        self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
+        self.ln_f = _layer_norm(cfg, rngs)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        rngs: nnx.Rngs | jax.Array | None = None,
+    ):
+        """Next-token logits.
+
+        Args:
+          tokens: [B, T] int32 token ids.
+          attention_mask: [B, T], 1 = real token, 0 = padding. Tokens equal to `pad_id` are
+            masked whether or not a mask is given.
+          deterministic: False enables dropout (then `rngs` is needed when dropout > 0).
+          positions: [B, T] position ids. Default: the count of real tokens before each token,
+            so left-padded prompts start at position 0 (HF generate does the same).
+          cache: a `KVCache` to decode with; these T tokens are written at `cache.index`.
+          rngs: dropout randomness, an `nnx.Rngs` or a key.
+
+        Returns:
+          logits [B, T, vocab_size] in float32, and the updated cache when one was given.
+        """
+        cfg = self.cfg
+        B, T = tokens.shape
+        real = tokens != cfg.pad_id
+        if attention_mask is not None:
+            real &= attention_mask.astype(bool)
+
+        if cache is None:
+            key_real, query_slot, key_slot, before = real, jnp.arange(T), jnp.arange(T), 0
+        else:
+            key_real = jax.lax.dynamic_update_slice(cache.valid, real, (0, cache.index))
+            query_slot = cache.index + jnp.arange(T)
+            key_slot = jnp.arange(cache.valid.shape[1])
+            before = cache.valid.sum(axis=1, keepdims=True, dtype=jnp.int32)
+        if positions is None:
+            positions = jnp.maximum(before + jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1, 0)
+        # [B, T, S]: causal in slot order, and only real keys.
+        attend = (key_slot[None, :] <= query_slot[:, None])[None] & key_real[:, None, :]
+
+        x = self.wte(tokens) + self.wpe(positions)
+        x = self.drop(x, deterministic=deterministic, rngs=rngs)
+
+        new_keys, new_values = [], []
+        for layer, block in enumerate(self.h):
+            if cache is not None:
+                cached = (cache.keys[layer], cache.values[layer], cache.index)
+                x, (k, v) = block(x, attend, deterministic=deterministic, rngs=rngs, cached=cached)
+                new_keys.append(k)
+                new_values.append(v)
+            elif cfg.remat:
+                x = nnx.remat(_run_block, static_argnums=(3,))(block, x, attend, deterministic, rngs)
+            else:
+                x = block(x, attend, deterministic=deterministic, rngs=rngs)
+
+        x = self.ln_f(x)
+        logits = self.wte.attend(x).astype(jnp.float32)
+        if cache is None:
+            return logits
+        return logits, KVCache(tuple(new_keys), tuple(new_values), key_real, cache.index + T)
+
+
+def _run_block(block, x, attend, deterministic, rngs):
+    return block(x, attend, deterministic=deterministic, rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face checkpoints
+
+
+def _hf_names(cfg: GPT2Config) -> dict[str, tuple]:
+    """HF tensor name -> path of the matching parameter in our module (same layout)."""
+    names = {"wte.weight": ("wte", "embedding"), "wpe.weight": ("wpe", "embedding")}
+    for i in range(cfg.n_layer):
+        for hf, ours in [
+            ("ln_1.weight", ("ln_1", "scale")), ("ln_1.bias", ("ln_1", "bias")),
+            ("attn.c_attn.weight", ("attn", "c_attn", "kernel")), ("attn.c_attn.bias", ("attn", "c_attn", "bias")),
+            ("attn.c_proj.weight", ("attn", "c_proj", "kernel")), ("attn.c_proj.bias", ("attn", "c_proj", "bias")),
+            ("ln_2.weight", ("ln_2", "scale")), ("ln_2.bias", ("ln_2", "bias")),
+            ("mlp.c_fc.weight", ("mlp", "c_fc", "kernel")), ("mlp.c_fc.bias", ("mlp", "c_fc", "bias")),
+            ("mlp.c_proj.weight", ("mlp", "c_proj", "kernel")), ("mlp.c_proj.bias", ("mlp", "c_proj", "bias")),
+        ]:  # fmt: skip
+            names[f"h.{i}.{hf}"] = ("h", i, *ours)
+    names["ln_f.weight"] = ("ln_f", "scale")
+    names["ln_f.bias"] = ("ln_f", "bias")
+    return names
+
+
+def _read_hf_tensors(path: Path) -> dict[str, np.ndarray]:
+    if (path / "model.safetensors").exists():
+        from safetensors.numpy import load_file
+
+        tensors = load_file(path / "model.safetensors")
+    elif (path / "pytorch_model.bin").exists():
+        import torch  # only needed for the legacy format
+
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        tensors = {k: v.float().numpy() for k, v in state.items()}
+    else:
+        raise FileNotFoundError(
+            f"{path} has neither model.safetensors nor pytorch_model.bin; "
+            "save the HF model with `model.save_pretrained(path)` first."
+        )
+    # GPT2LMHeadModel prefixes "transformer."; GPT2Model does not. lm_head is tied to wte.
+    return {k.removeprefix("transformer."): v for k, v in tensors.items() if not k.startswith("lm_head")}
+
+
+def from_pretrained(path: str | Path, **overrides) -> GPT2:
+    """Load a HF GPT-2 directory (config.json + model.safetensors or pytorch_model.bin).
+
+    `overrides` go to `GPT2Config` (e.g. dtype="bfloat16", dropout=0.1). The embedding gains
+    rows up to `vocab_size` (the pad row), initialised to the mean embedding.
+    """
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path / 'config.json'} not found: is {path} a HF GPT-2 directory?")
+    hf = json.loads((path / "config.json").read_text())
+    hf_vocab = hf["vocab_size"]
+    cfg = GPT2Config(
+        **{
+            "vocab_size": max(hf_vocab, PAD_ID + 1),
+            "pad_id": max(hf_vocab, PAD_ID + 1) - 1,
+            "n_positions": hf["n_positions"],
+            "n_embd": hf["n_embd"],
+            "n_layer": hf["n_layer"],
+            "n_head": hf["n_head"],
+            "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
+            **overrides,
+        }
+    )
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{path}: activation {hf['activation_function']!r} is not GPT-2's tanh GELU.")
+    tensors = _read_hf_tensors(path)
+    model = nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    names = _hf_names(cfg)
+    missing = sorted(set(names) - set(tensors))
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {missing[:5]}{'...' if len(missing) > 5 else ''}.")
+    param_dtype = _DTYPES[cfg.param_dtype]
+    for hf_name, ours in names.items():
+        value = tensors[hf_name]
+        if hf_name == "wte.weight" and value.shape[0] < cfg.vocab_size:
+            extra = np.broadcast_to(value.mean(0), (cfg.vocab_size - value.shape[0], value.shape[1]))
+            value = np.concatenate([value, extra])
+        variable = state
+        for key in ours:
+            variable = variable[key]
+        if variable.shape != value.shape:
+            raise ValueError(f"{path}: {hf_name} has shape {value.shape}, expected {variable.shape}.")
+        variable.set_value(jnp.asarray(value, param_dtype))
+    nnx.update(model, state)
+    return model
+
+
+def save_pretrained(model: GPT2, path: str | Path, *, vocab_size: int = GPT2_VOCAB_SIZE) -> None:
+    """Write `model` as a HF GPT-2 directory (model.safetensors + config.json).
+
+    The embedding is trimmed to `vocab_size` rows (HF GPT-2's 50257 by default: the pad row is
+    ours alone); `transformers.GPT2LMHeadModel.from_pretrained(path)` loads the result.
+    """
+    from safetensors.numpy import save_file
+
+    cfg = model.cfg
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = nnx.state(model)
+    tensors = {}
+    for hf_name, ours in _hf_names(cfg).items():
+        variable = state
+        for key in ours:
+            variable = variable[key]
+        value = np.asarray(jax.device_get(variable.get_value()), np.float32)
+        if hf_name == "wte.weight":
+            value = value[:vocab_size]
+        tensors[f"transformer.{hf_name}"] = np.ascontiguousarray(value)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "vocab_size": vocab_size,
+        "n_positions": cfg.n_positions,
+        "n_ctx": cfg.n_positions,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
