@@ -1,0 +1,261 @@
+"""Language-model data: documents -> GPT-2 tokens -> fixed windows -> Grain batches.
+
+Batches are host-local NumPy dicts (this process's rows of the global batch):
+
+    tokens          int32[B, T]    model input (window[:-1])
+    targets         int32[B, T]    next tokens (window[1:])
+    loss_mask       float32[B, T]  1 where the target is a real token (pad targets are 0)
+    attention_mask  int32[B, T]    1 where the input token is real, 0 on pad
+
+Each document ends with `<|endoftext|>`. With `packing` (default) all documents form one
+token stream cut into windows of `seq_len + 1` tokens that overlap by one token, so every
+token is a target exactly once and documents may span windows; only the last window is
+padded. Without packing each document is cut the same way on its own and right-padded.
+Pad (`Tokenizer.pad_id`) never appears as a target that counts, nor as an attended input.
+
+Why materialize: the corpus is tokenized once into a flat uint16 array and windows are
+views into it, so the Grain pipeline is a `MapDataset` over window indices (shuffle,
+repeat, per-host slice, batch). That makes state restore exact and cheap (the iterator
+state is a step count), and costs ~2 bytes per token of RAM: fine up to a few hundred MB of
+text. Larger corpora want a streaming `IterDataset` (e.g. Grain's ConcatThenSplit packing
+over ArrayRecord shards), which this module does not provide yet.
+
+Multi-host: the shuffled global order is dealt round-robin over processes, so the union of
+the hosts' batches at a step is the same global batch for any process count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import grain
+import numpy as np
+
+from jaxrl.core.config import ConfigError
+from jaxrl.data import sources
+from jaxrl.data.tokenizer import Tokenizer
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class LMDataConfig:
+    """Where the text is, how it is cut into windows, and how batches are drawn."""
+
+    path: str = "corpora/tinyshakespeare/input.txt"  # file, directory, glob; TFDS: dataset name
+    val_path: str = ""  # separate validation data; empty: hold out `val_fraction` of `path`
+    data_dir: str = ""  # root for relative paths (TFDS: its data_dir); empty: $JAXRL_DATA_DIR or ../shared/data
+    format: Literal["auto", "text", "jsonl", "tfds"] = "auto"  # auto: by file suffix
+    text_field: str = "text"  # JSONL / TFDS field holding the document text
+    separator: str = ""  # text files: "" = one document per file, "\n\n" = blank-line separated
+    tfds_split: str = "train"
+    tfds_val_split: str = ""  # TFDS validation split; empty: hold out `val_fraction`
+    seq_len: int = 256
+    batch_size: int = 8  # global, over all processes
+    packing: bool = True
+    shuffle: bool = True
+    seed: int = 0
+    val_fraction: float = 0.1
+
+    def validate(self):
+        if self.seq_len < 1:
+            raise ConfigError(f"data.seq_len must be >= 1, got {self.seq_len}.")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}.")
+        if not self.path:
+            raise ConfigError("data.path is empty; set it to a text/JSONL file, directory or glob.")
+        needs_fraction = not (self.val_path or (self.format == "tfds" and self.tfds_val_split))
+        if needs_fraction and not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1) when no data.val_path is "
+                              f"given, got {self.val_fraction}.")
+        if self.format != "tfds":
+            for key in ("path", "val_path"):
+                value = getattr(self, key)
+                if value:
+                    try:
+                        sources.list_files(sources.resolve_path(value, self.data_dir), self.format)
+                    except (FileNotFoundError, sources.DataError) as e:
+                        raise ConfigError(f"data.{key}: {e}") from None
+
+
+class WindowSource:
+    """Random access to fixed windows of a token array; Grain's `MapDataset.source` reads it.
+
+    Window i is `tokens[starts[i] : min(starts[i] + T + 1, ends[i])]`, right-padded to T + 1.
+    """
+
+    def __init__(self, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, seq_len: int, pad_id: int):
+        self.tokens, self.starts, self.ends = tokens, starts, ends
+        self.seq_len, self.pad_id = seq_len, pad_id
+
+    @classmethod
+    def from_documents(cls, token_docs: Sequence[np.ndarray], *, seq_len: int, pad_id: int, packing: bool):
+        """Windows over documents (each already ending in EOT), packed or one document at a time."""
+        lengths = np.array([len(d) for d in token_docs], dtype=np.int64)
+        dtype = np.uint16 if pad_id < 2**16 else np.int32
+        tokens = np.concatenate(token_docs).astype(dtype) if len(token_docs) else np.zeros(0, dtype)
+        if packing:
+            spans = [(0, len(tokens))]
+        else:
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            spans = list(zip(offsets[:-1], offsets[1:]))
+        # A span of n tokens has n - 1 targets, so ceil((n - 1) / T) windows starting every T.
+        starts = [np.arange(lo, hi - 1, seq_len, dtype=np.int64) for lo, hi in spans]
+        ends = [np.full(len(s), hi, dtype=np.int64) for s, (_, hi) in zip(starts, spans)]
+        starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+        return cls(tokens, starts, ends, seq_len, pad_id)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        start = int(self.starts[index])
+        piece = self.tokens[start : min(start + self.seq_len + 1, int(self.ends[index]))]
+        window = np.full(self.seq_len + 1, self.pad_id, dtype=np.int32)
+        window[: len(piece)] = piece
+        return window
+
+    @property
+    def num_target_tokens(self) -> int:
+        """Real (loss-counted) targets over one pass."""
+        return int(np.sum(np.minimum(self.starts + self.seq_len + 1, self.ends) - self.starts - 1))
+
+
+def batch_from_windows(windows: np.ndarray | Sequence[np.ndarray], pad_id: int) -> Batch:
+    """[B, T+1] token windows -> the batch dict documented at the top of this module."""
+    windows = np.asarray(np.stack(windows) if not isinstance(windows, np.ndarray) else windows, np.int32)
+    tokens, targets = windows[:, :-1], windows[:, 1:]
+    return {
+        "tokens": np.ascontiguousarray(tokens),
+        "targets": np.ascontiguousarray(targets),
+        "loss_mask": (targets != pad_id).astype(np.float32),
+        "attention_mask": (tokens != pad_id).astype(np.int32),
+    }
+
+
+def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer) -> list[np.ndarray]:
+    """Token ids of each document with `<|endoftext|>` appended."""
+    return [np.array([*ids, tokenizer.eot_id], dtype=np.int32) for ids in tokenizer.encode_batch(docs)]
+
+
+def train_dataset(
+    source: WindowSource,
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """Infinite stream of host-local batches: shuffle (reseeded each epoch) -> repeat -> shard -> batch.
+
+    `batch_size` is global; each of `process_count` hosts gets `batch_size // process_count` rows.
+    """
+    if len(source) == 0:
+        raise sources.DataError("no training windows: the corpus has fewer than 2 tokens.")
+    local_batch = _local_batch_size(batch_size, process_count)
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed)
+    ds = ds.repeat()[process_index::process_count]
+    ds = ds.batch(local_batch, drop_remainder=True,
+                  batch_fn=functools.partial(batch_from_windows, pad_id=source.pad_id))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+
+
+def eval_batches(
+    source: WindowSource,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_batches: int = 0,
+) -> Iterator[Batch]:
+    """One ordered pass over every window, in fixed-shape batches.
+
+    The last global batch is filled with all-pad rows (loss_mask 0), so every host yields the
+    same number of batches, shapes never change (no recompiles) and mean losses stay exact
+    when weighted by `loss_mask`. `max_batches > 0` stops early.
+    """
+    local_batch = _local_batch_size(batch_size, process_count)
+    num_batches = -(-len(source) // batch_size)
+    if max_batches > 0:
+        num_batches = min(num_batches, max_batches)
+    blank = np.full(source.seq_len + 1, source.pad_id, dtype=np.int32)
+    for b in range(num_batches):
+        rows = range(b * batch_size + process_index, (b + 1) * batch_size, process_count)
+        assert len(rows) == local_batch
+        yield batch_from_windows([source[i] if i < len(source) else blank for i in rows], source.pad_id)
+
+
+@dataclasses.dataclass
+class LMData:
+    """Tokenized train/validation windows plus the iterators a recipe needs."""
+
+    config: LMDataConfig
+    train: WindowSource
+    val: WindowSource
+    process_index: int = 0
+    process_count: int = 1
+
+    def train_iterator(self) -> grain.DatasetIterator:
+        """Fresh iterator from the start; checkpoint it with `get_state()` / `set_state()`."""
+        cfg = self.config
+        ds = train_dataset(self.train, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
+                           process_index=self.process_index, process_count=self.process_count)
+        return iter(ds)
+
+    def val_batches(self, max_batches: int = 0) -> Iterator[Batch]:
+        return eval_batches(self.val, batch_size=self.config.batch_size, process_index=self.process_index,
+                            process_count=self.process_count, max_batches=max_batches)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.train) // self.config.batch_size)
+
+
+def load_lm_data(
+    cfg: LMDataConfig,
+    tokenizer: Tokenizer | None = None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> LMData:
+    """Read, split, tokenize and window the corpus in `cfg` (process defaults: from JAX)."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    _local_batch_size(cfg.batch_size, process_count)
+    tokenizer = tokenizer or Tokenizer.gpt2()
+
+    def read(path: str, split: str) -> list[str]:
+        location = path if cfg.format == "tfds" else sources.resolve_path(path, cfg.data_dir)
+        return sources.read_documents(location, format=cfg.format, text_field=cfg.text_field,
+                                      separator=cfg.separator, tfds_split=split,
+                                      tfds_data_dir=cfg.data_dir)
+
+    train_docs = read(cfg.path, cfg.tfds_split)
+    if cfg.val_path:
+        val_docs = read(cfg.val_path, cfg.tfds_val_split or cfg.tfds_split)
+    elif cfg.format == "tfds" and cfg.tfds_val_split:
+        val_docs = read(cfg.path, cfg.tfds_val_split)
+    else:
+        train_docs, val_docs = sources.split_documents(train_docs, cfg.val_fraction)
+
+    def windows(docs: list[str]) -> WindowSource:
+        return WindowSource.from_documents(tokenize_documents(docs, tokenizer), seq_len=cfg.seq_len,
+                                           pad_id=tokenizer.pad_id, packing=cfg.packing)
+
+    return LMData(cfg, windows(train_docs), windows(val_docs), process_index, process_count)
+
+
+def _local_batch_size(batch_size: int, process_count: int) -> int:
+    if batch_size % process_count:
+        raise ConfigError(f"data.batch_size={batch_size} must be divisible by the number of "
+                          f"processes ({process_count}); each process loads batch_size / processes rows.")
+    return batch_size // process_count
