@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Run a jaxrl config on every worker of a Cloud TPU VM or pod slice.
+
+Ships this repository to each worker, then starts
+`python -m jaxrl.launch CONFIG [overrides]` on all of them at once
+(`gcloud compute tpus tpu-vm ssh --worker=all`). No coordinator settings are passed:
+on a TPU pod `jax.distributed.initialize()` finds its peers from the TPU metadata.
+Each worker's output goes to LOG_DIR/<worker id>.log on this machine.
+
+  python launch/tpu_pod.py --tpu my-pod --zone us-central2-b configs/gpt2_sft.yaml loop.steps=1000
+  python launch/tpu_pod.py --dry-run --tpu my-pod --zone us-central2-b configs/gpt2_sft.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+from runner import launch_command, parse_env, remote_path, run_in_order
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = "/tmp/jaxrl-src.tar.gz"
+
+
+def gcloud_tpu(args, verb: str, *operands: str) -> list[str]:
+    """`gcloud compute tpus tpu-vm VERB OPERANDS --zone=Z [--project=P] --worker=all`."""
+    argv = ["gcloud", "compute", "tpus", "tpu-vm", verb, *operands, f"--zone={args.zone}"]
+    if args.project:
+        argv.append(f"--project={args.project}")
+    return argv + ["--worker=all"]
+
+
+def on_all_workers(args, command: str, output_dir: str | None = None) -> list[str]:
+    """Run one shell command on every worker at the same time."""
+    argv = gcloud_tpu(args, "ssh", args.tpu) + ["--command", command]
+    if output_dir:
+        argv.append(f"--output-directory={output_dir}")
+    return argv
+
+
+def sync_commands(args) -> list[list[str]]:
+    """Commands that put this checkout's code into REMOTE_DIR on every worker.
+
+    `archive` ships the committed HEAD (`git archive`), so what runs is a commit you can
+    name; extracting over REMOTE_DIR keeps the worker's .venv. `git` pulls on each worker
+    (the repository must already be cloned there); `none` leaves the workers as they are.
+    """
+    remote_dir = shlex.quote(remote_path(args.remote_dir))
+    if args.sync == "archive":
+        return [
+            ["git", "-C", str(REPO), "archive", "--format=tar.gz", f"--output={ARCHIVE}", "HEAD"],
+            gcloud_tpu(args, "scp", ARCHIVE, f"{args.tpu}:{ARCHIVE}"),
+            on_all_workers(args, f"mkdir -p {remote_dir} && tar -xzf {ARCHIVE} -C {remote_dir}"),
+        ]
+    if args.sync == "git":
+        return [on_all_workers(args, f"git -C {remote_dir} pull --ff-only")]
+    return []
+
+
+def add_tpu_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared with tpu_setup/setup_pod.py: which TPU, and how code gets onto it."""
+    parser.add_argument("--tpu", required=True, help="TPU VM / pod slice name")
+    parser.add_argument("--zone", required=True, help="e.g. us-central2-b")
+    parser.add_argument("--project", help="GCP project (default: gcloud's configured one)")
+    parser.add_argument("--remote-dir", default="jaxrl",
+                        help="repository path on the workers, relative to home (default: jaxrl)")
+    parser.add_argument("--sync", choices=["archive", "git", "none"], default="archive",
+                        help="how code reaches the workers: scp `git archive HEAD` (default), "
+                        "`git pull` on each worker, or not at all")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the commands, one per line, instead of running them")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_tpu_arguments(parser)
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the job (repeatable)")
+    parser.add_argument("--log-dir", help="local folder for per-worker logs (default: logs/TPU)")
+    parser.add_argument("config", help="config path inside the repository, e.g. configs/x.yaml")
+    parser.add_argument("overrides", nargs="*", help="a.b=value overrides for jaxrl.launch")
+    args = parser.parse_args(argv)
+
+    log_dir = args.log_dir or f"logs/{args.tpu}"
+    job = launch_command(".venv/bin/python", args.config, args.overrides, parse_env(args.env))
+    commands = sync_commands(args) + [
+        ["mkdir", "-p", log_dir],
+        on_all_workers(args, f"cd {shlex.quote(remote_path(args.remote_dir))} && {job}",
+                       output_dir=log_dir),
+    ]
+    run_in_order(commands, args.dry_run)
+
+
+if __name__ == "__main__":
+    main()
