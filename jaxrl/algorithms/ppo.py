@@ -1,0 +1,355 @@
+"""Proximal Policy Optimization for any gymnax-style env, one jitted pure update per call.
+
+PureJaxRL-shaped (rollout `lax.scan` -> GAE -> minibatch epochs, all inside one function that
+`jax.jit` and `jax.vmap` over seeds accept), with the details PureJaxRL skips done right:
+
+- GAE bootstraps through truncation (time limit) but not termination. The env reports the two
+  separately and returns the pre-reset observation in `info["final_observation"]`; the value of
+  that observation is the bootstrap target, never the value of the next episode's first obs.
+- Action masks from `env.action_mask(state, params)` (when the env has one) shape both the
+  sampled actions and the training logits.
+- Everything that carries across updates (params, optimizer state incl. the learning-rate
+  schedule count, env state, last observation, episode statistics) lives in `PPOState`, so a
+  checkpoint taken between updates resumes the exact run.
+
+The env contract: `reset(key, params) -> (obs, state)`,
+`step(key, state, action, params) -> (obs, state, reward, terminated, truncated, info)` with
+auto-reset, plus `num_actions` and `observation_shape`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from jaxrl.core.config import ConfigError
+
+
+@dataclasses.dataclass
+class PPOConfig:
+    """PPO hyper-parameters. One update consumes num_envs * rollout_steps env steps."""
+
+    num_envs: int = 64
+    rollout_steps: int = 128
+    epochs: int = 4
+    minibatches: int = 4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.2
+    clip_value: bool = True  # clip the value update to +-clip_eps around the rollout's value
+    vf_coef: float = 0.5
+    ent_coef: float = 0.01
+    lr: float = 2.5e-4
+    anneal_lr: bool = True  # linear decay to 0 over the run's updates
+    max_grad_norm: float = 0.5
+    normalize_advantages: bool = True
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs * self.rollout_steps
+
+    def validate(self):
+        for name in ("num_envs", "rollout_steps", "epochs", "minibatches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ppo.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.batch_size % self.minibatches:
+            raise ConfigError(
+                f"ppo.minibatches={self.minibatches} must divide num_envs * rollout_steps = "
+                f"{self.batch_size}; pick a divisor such as {_divisor_near(self.batch_size, self.minibatches)}.")
+        for name in ("gamma", "gae_lambda"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"ppo.{name} must be in [0, 1], got {getattr(self, name)}.")
+        for name in ("clip_eps", "lr", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ppo.{name} must be > 0, got {getattr(self, name)}.")
+        for name in ("vf_coef", "ent_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ppo.{name} must be >= 0, got {getattr(self, name)}.")
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
+
+
+class PPOState(struct.PyTreeNode):
+    """Everything one update reads and writes: checkpoint this to resume mid-training."""
+
+    params: Any  # nnx.State of the actor-critic
+    opt_state: Any
+    env_state: Any  # batched over num_envs
+    obs: jax.Array  # [num_envs, obs_dim] observation the next action is taken from
+    action_mask: jax.Array | None  # [num_envs, num_actions] or None if the env has no mask
+    episode_return: jax.Array  # [num_envs] return so far of the running episode
+    episode_length: jax.Array  # [num_envs]
+    last_episode_return: jax.Array  # [num_envs] return of each env's last finished episode
+    last_episode_length: jax.Array
+    update: jax.Array  # number of updates done
+
+
+class Transition(struct.PyTreeNode):
+    obs: jax.Array
+    action_mask: jax.Array | None
+    action: jax.Array
+    log_prob: jax.Array
+    value: jax.Array
+    reward: jax.Array
+    terminated: jax.Array
+    done: jax.Array  # terminated | truncated: the episode (and the GAE trace) ends here
+    final_obs: jax.Array  # true successor observation (pre-reset when done)
+
+
+def gae(rewards, values, next_values, terminated, done, *, gamma: float, lam: float):
+    """Generalized advantage estimation over time-major [T, ...] arrays.
+
+    `next_values[t]` is V of the true successor of step t (the pre-reset observation when the
+    episode ended). A terminated step bootstraps nothing; a truncated one bootstraps
+    `next_values[t]`; both cut the trace so advantages never leak across episodes.
+    Returns (advantages, value targets).
+    """
+    not_terminated = 1.0 - terminated.astype(values.dtype)
+    not_done = 1.0 - done.astype(values.dtype)
+    deltas = rewards + gamma * not_terminated * next_values - values
+
+    def backward(next_advantage, step):
+        delta, continues = step
+        advantage = delta + gamma * lam * continues * next_advantage
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(backward, jnp.zeros_like(values[0]), (deltas, not_done),
+                                 reverse=True)
+    return advantages, advantages + values
+
+
+def clipped_policy_loss(log_prob, old_log_prob, advantages, clip_eps: float):
+    """PPO's pessimistic surrogate: -mean(min(r A, clip(r, 1-eps, 1+eps) A))."""
+    ratio = jnp.exp(log_prob - old_log_prob)
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    return -jnp.mean(jnp.minimum(unclipped, clipped))
+
+
+def value_loss(value, old_value, targets, clip_eps: float | None):
+    """0.5 * squared error; with clip_eps, the pessimistic max over the clipped update."""
+    loss = jnp.square(value - targets)
+    if clip_eps is not None:
+        clipped = old_value + jnp.clip(value - old_value, -clip_eps, clip_eps)
+        loss = jnp.maximum(loss, jnp.square(clipped - targets))
+    return 0.5 * jnp.mean(loss)
+
+
+def make_optimizer(cfg: PPOConfig, num_updates: int) -> optax.GradientTransformation:
+    """Adam (eps 1e-5) with global-norm clipping; lr decays linearly to 0 over the run."""
+    lr = cfg.lr
+    if cfg.anneal_lr:
+        lr = optax.linear_schedule(cfg.lr, 0.0, num_updates * cfg.epochs * cfg.minibatches)
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=1e-5))
+
+
+@dataclasses.dataclass(frozen=True)
+class PPO:
+    """PPO bound to an env and a model. `init(key)` and `update(state, key)` are pure.
+
+    `make_model(key)` builds the actor-critic (`model(obs, action_mask) -> (logits, value)`,
+    `model.value(obs)`); only its graphdef is kept here, params travel in `PPOState`.
+    """
+
+    env: Any
+    env_params: Any
+    make_model: Callable[[jax.Array], nnx.Module]
+    cfg: PPOConfig
+    num_updates: int  # length of the run, for the learning-rate schedule
+
+    @functools.cached_property
+    def graphdef(self):
+        return nnx.split(nnx.eval_shape(lambda: self.make_model(jax.random.key(0))))[0]
+
+    @functools.cached_property
+    def tx(self) -> optax.GradientTransformation:
+        return make_optimizer(self.cfg, self.num_updates)
+
+    @property
+    def has_action_mask(self) -> bool:
+        return hasattr(self.env, "action_mask")
+
+    @property
+    def env_steps_per_update(self) -> int:
+        return self.cfg.batch_size
+
+    def model(self, params) -> nnx.Module:
+        return nnx.merge(self.graphdef, params, copy=True)
+
+    def _mask(self, env_state):
+        if not self.has_action_mask:
+            return None
+        return jax.vmap(self.env.action_mask, in_axes=(0, None))(env_state, self.env_params)
+
+    def init(self, key: jax.Array) -> PPOState:
+        model_key, env_key = jax.random.split(key)
+        params = nnx.split(self.make_model(model_key))[1]
+        env_keys = jax.random.split(env_key, self.cfg.num_envs)
+        obs, env_state = jax.vmap(self.env.reset, in_axes=(0, None))(env_keys, self.env_params)
+        zeros = jnp.zeros(self.cfg.num_envs, jnp.float32)
+        return PPOState(
+            params=params,
+            opt_state=self.tx.init(params),
+            env_state=env_state,
+            obs=_flat(obs, self.cfg.num_envs),
+            action_mask=self._mask(env_state),
+            episode_return=zeros,
+            episode_length=zeros.astype(jnp.int32),
+            last_episode_return=zeros,
+            last_episode_length=zeros.astype(jnp.int32),
+            update=jnp.zeros((), jnp.int32),
+        )
+
+    def rollout(self, state: PPOState, key: jax.Array) -> tuple[PPOState, Transition]:
+        """Step all envs rollout_steps times with the current policy (time-major output)."""
+        model = self.model(state.params)
+        n = self.cfg.num_envs
+
+        def step(state: PPOState, key):
+            action_key, env_key = jax.random.split(key)
+            logits, value = model(state.obs, state.action_mask)
+            action = jax.random.categorical(action_key, logits)
+            log_prob = _log_prob(logits, action)
+            obs, env_state, reward, terminated, truncated, info = jax.vmap(
+                self.env.step, in_axes=(0, 0, 0, None))(
+                    jax.random.split(env_key, n), state.env_state, action, self.env_params)
+            if "final_observation" not in info:
+                raise ValueError(
+                    f"{self.env!r}.step must return info['final_observation'] (the pre-reset "
+                    "observation) so PPO can bootstrap the value through truncation.")
+            done = terminated | truncated
+            episode_return = state.episode_return + reward
+            episode_length = state.episode_length + 1
+            transition = Transition(
+                obs=state.obs, action_mask=state.action_mask, action=action, log_prob=log_prob,
+                value=value, reward=reward, terminated=terminated, done=done,
+                final_obs=_flat(info["final_observation"], n))
+            state = state.replace(
+                env_state=env_state,
+                obs=_flat(obs, n),
+                action_mask=self._mask(env_state),
+                episode_return=jnp.where(done, 0.0, episode_return),
+                episode_length=jnp.where(done, 0, episode_length),
+                last_episode_return=jnp.where(done, episode_return, state.last_episode_return),
+                last_episode_length=jnp.where(done, episode_length, state.last_episode_length),
+            )
+            return state, transition
+
+        return jax.lax.scan(step, state, jax.random.split(key, self.cfg.rollout_steps))
+
+    def loss(self, params, batch: Transition, advantages, targets):
+        cfg = self.cfg
+        logits, value = self.model(params)(batch.obs, batch.action_mask)
+        log_probs = jax.nn.log_softmax(logits)
+        log_prob = jnp.take_along_axis(log_probs, batch.action[..., None], -1)[..., 0]
+        if cfg.normalize_advantages:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        policy_loss = clipped_policy_loss(log_prob, batch.log_prob, advantages, cfg.clip_eps)
+        v_loss = value_loss(value, batch.value, targets, cfg.clip_eps if cfg.clip_value else None)
+        entropy = -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, -1))
+        total = policy_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
+        log_ratio = log_prob - batch.log_prob
+        return total, {
+            "loss": total,
+            "policy_loss": policy_loss,
+            "value_loss": v_loss,
+            "entropy": entropy,
+            # http://joschu.net/blog/kl-approx.html: unbiased, low-variance KL(old || new)
+            "approx_kl": jnp.mean(jnp.expm1(log_ratio) - log_ratio),
+            "clip_fraction": jnp.mean(jnp.abs(jnp.exp(log_ratio) - 1.0) > cfg.clip_eps),
+        }
+
+    def update(self, state: PPOState, key: jax.Array) -> tuple[PPOState, dict[str, jax.Array]]:
+        """One PPO iteration: rollout, GAE, `epochs` passes of `minibatches` gradient steps."""
+        cfg = self.cfg
+        rollout_key, shuffle_key = jax.random.split(key)
+        state, traj = self.rollout(state, rollout_key)
+
+        next_values = self.model(state.params).value(traj.final_obs)
+        advantages, targets = gae(traj.reward, traj.value, next_values, traj.terminated,
+                                  traj.done, gamma=cfg.gamma, lam=cfg.gae_lambda)
+
+        flat = lambda x: x.reshape(cfg.batch_size, *x.shape[2:])  # noqa: E731
+        samples = jax.tree.map(flat, (traj, advantages, targets))
+        grad_fn = jax.grad(self.loss, has_aux=True)
+        tx = self.tx
+
+        def minibatch_step(carry, minibatch):
+            params, opt_state = carry
+            grads, metrics = grad_fn(params, *minibatch)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), metrics
+
+        def epoch(carry, key):
+            order = jax.random.permutation(key, cfg.batch_size)
+            minibatches = jax.tree.map(
+                lambda x: x[order].reshape(cfg.minibatches, -1, *x.shape[1:]), samples)
+            return jax.lax.scan(minibatch_step, carry, minibatches)
+
+        (params, opt_state), metrics = jax.lax.scan(
+            epoch, (state.params, state.opt_state), jax.random.split(shuffle_key, cfg.epochs))
+        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics.update(
+            episode_return=jnp.mean(state.last_episode_return),
+            episode_length=jnp.mean(state.last_episode_length.astype(jnp.float32)),
+            episodes_finished=jnp.sum(traj.done),
+            reward_per_step=jnp.mean(traj.reward),
+            value_mean=jnp.mean(traj.value),
+        )
+        state = state.replace(params=params, opt_state=opt_state, update=state.update + 1)
+        return state, metrics
+
+    def act(self, params, key: jax.Array, obs: jax.Array, action_mask=None, *,
+            greedy: bool = True) -> jax.Array:
+        """Actions for a batch of observations: argmax (greedy) or sampled."""
+        logits, _ = self.model(params)(_flat(obs, obs.shape[0]), action_mask)
+        if greedy:
+            return jnp.argmax(logits, -1)
+        return jax.random.categorical(key, logits)
+
+
+def evaluate(env, env_params, act: Callable, key: jax.Array, *, num_episodes: int,
+             max_steps: int) -> jax.Array:
+    """Return of the first episode of each of `num_episodes` parallel envs under `act`.
+
+    `act(key, obs[N, ...], action_mask[N, A] | None) -> actions[N]`. Episodes still running
+    after `max_steps` are cut there (choose it >= the env's time limit).
+    """
+    reset_key, run_key = jax.random.split(key)
+    obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(
+        jax.random.split(reset_key, num_episodes), env_params)
+    mask_fn = getattr(env, "action_mask", None)
+
+    def step(carry, key):
+        obs, env_state, total, running = carry
+        act_key, env_key = jax.random.split(key)
+        mask = None if mask_fn is None else jax.vmap(mask_fn, in_axes=(0, None))(env_state,
+                                                                                 env_params)
+        action = act(act_key, obs, mask)
+        obs, env_state, reward, terminated, truncated, _ = jax.vmap(
+            env.step, in_axes=(0, 0, 0, None))(
+                jax.random.split(env_key, num_episodes), env_state, action, env_params)
+        total = total + jnp.where(running, reward, 0.0)
+        running = running & ~(terminated | truncated)
+        return (obs, env_state, total, running), None
+
+    init = (obs, env_state, jnp.zeros(num_episodes), jnp.ones(num_episodes, bool))
+    (_, _, total, _), _ = jax.lax.scan(step, init, jax.random.split(run_key, max_steps))
+    return total
+
+
+def _flat(obs: jax.Array, n: int) -> jax.Array:
+    return obs.reshape(n, -1).astype(jnp.float32)
+
+
+def _log_prob(logits: jax.Array, action: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(jax.nn.log_softmax(logits), action[..., None], -1)[..., 0]
