@@ -242,6 +242,18 @@ def test_load_prompts(tmp_path, tok):
 # ---------------------------------------------------------------- end to end with the tokenizer
 
 
+def test_chunked_tokenization_matches_whole_documents(tok, shared_data):
+    """Long documents are cut for parallel encoding; the ids must not change."""
+    rng = np.random.default_rng(0)
+    alphabet = ["a", "Zb", " ", "  ", "\n", "\n\n", "'s", "1", ".", "é", "\t", " x"]
+    texts = ["".join(rng.choice(alphabet, size=rng.integers(1, 50))) for _ in range(300)]
+    texts.append((shared_data / "corpora/tinyshakespeare/input.txt").read_text()[:200_000])
+    chunked = lm.tokenize_documents(texts, tok, chunk_chars=1)
+    assert len(lm._chunks(texts[-1], 1)) > 1000  # the cut really happens
+    for text, ids in zip(texts, chunked):
+        assert ids[-1] == EOT and ids[:-1].tolist() == tok.encode(text), repr(text)
+
+
 def test_jsonl_corpus_end_to_end(tmp_path, tok):
     rows = [{"text": f"Document number {i} says hello."} for i in range(12)]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

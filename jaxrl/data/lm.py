@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -137,9 +138,35 @@ def batch_from_windows(windows: np.ndarray | Sequence[np.ndarray], pad_id: int) 
     }
 
 
-def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer) -> list[np.ndarray]:
-    """Token ids of each document with `<|endoftext|>` appended."""
-    return [np.array([*ids, tokenizer.eot_id], dtype=np.int32) for ids in tokenizer.encode_batch(docs)]
+# GPT-2's pre-tokeniser always ends a piece after a newline that follows a non-space and
+# precedes a non-space or one space and a non-space ("x\n Y" -> "x", "\n", " Y", and "x\n"
+# alone -> "x", "\n"); BPE never merges across pieces, so cutting there keeps the ids.
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?= ?\S)")
+
+
+def _chunks(text: str, chunk_chars: int) -> list[str]:
+    """`text` cut at safe points roughly every `chunk_chars` characters."""
+    pieces, start = [], 0
+    while len(text) - start > chunk_chars:
+        cut = _SAFE_CUT.search(text, start + chunk_chars)
+        if cut is None:
+            break
+        pieces.append(text[start : cut.end()])
+        start = cut.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer, *, chunk_chars: int = 1 << 20) -> list[np.ndarray]:
+    """Token ids of each document with `<|endoftext|>` appended.
+
+    Long documents (one-file corpora) are cut into ~`chunk_chars` pieces so tiktoken encodes
+    them on all cores; the ids are identical to encoding each document whole.
+    """
+    chunked = [_chunks(doc, chunk_chars) for doc in docs]
+    ids = iter(tokenizer.encode_batch([piece for pieces in chunked for piece in pieces]))
+    eot = np.array([tokenizer.eot_id], dtype=np.int32)
+    return [np.concatenate([*(np.array(next(ids), np.int32) for _ in pieces), eot]) for pieces in chunked]
 
 
 def train_dataset(
