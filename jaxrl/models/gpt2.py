@@ -331,7 +331,8 @@ def from_pretrained(path: str | Path, **overrides) -> GPT2:
     """Load a HF GPT-2 directory (config.json + model.safetensors or pytorch_model.bin).
 
     `overrides` go to `GPT2Config` (e.g. dtype="bfloat16", dropout=0.1). The embedding gains
-    rows up to `vocab_size` (the pad row), initialised to the mean embedding.
+    one row for the pad token (id = HF vocab size, 50257 for GPT-2), set to the mean embedding;
+    it is never attended to, so its value only matters if a pad token's own logits are read.
     """
     path = Path(path)
     if not (path / "config.json").exists():
@@ -340,8 +341,8 @@ def from_pretrained(path: str | Path, **overrides) -> GPT2:
     hf_vocab = hf["vocab_size"]
     cfg = GPT2Config(
         **{
-            "vocab_size": max(hf_vocab, PAD_ID + 1),
-            "pad_id": max(hf_vocab, PAD_ID + 1) - 1,
+            "vocab_size": hf_vocab + 1,
+            "pad_id": hf_vocab,
             "n_positions": hf["n_positions"],
             "n_embd": hf["n_embd"],
             "n_layer": hf["n_layer"],
@@ -375,15 +376,16 @@ def from_pretrained(path: str | Path, **overrides) -> GPT2:
     return model
 
 
-def save_pretrained(model: GPT2, path: str | Path, *, vocab_size: int = GPT2_VOCAB_SIZE) -> None:
+def save_pretrained(model: GPT2, path: str | Path) -> None:
     """Write `model` as a HF GPT-2 directory (model.safetensors + config.json).
 
-    The embedding is trimmed to `vocab_size` rows (HF GPT-2's 50257 by default: the pad row is
-    ours alone); `transformers.GPT2LMHeadModel.from_pretrained(path)` loads the result.
+    The pad row is ours alone, so a trailing pad row is trimmed (50258 -> HF's 50257 rows);
+    `transformers.GPT2LMHeadModel.from_pretrained(path)` loads the result.
     """
     from safetensors.numpy import save_file
 
     cfg = model.cfg
+    vocab_size = cfg.pad_id if cfg.pad_id == cfg.vocab_size - 1 else cfg.vocab_size
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = nnx.state(model)
