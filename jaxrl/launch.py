@@ -131,6 +131,7 @@ def run(module, cfg) -> int:
     import jax
 
     from jaxrl.core.loop import NonFiniteError, Preempted
+    from jaxrl.data.sources import DataError
 
     run_dir = Path(cfg.run.dir)
     if jax.process_index() == 0:
@@ -146,6 +147,9 @@ def run(module, cfg) -> int:
         return 1
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0 and result is not None:
         (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

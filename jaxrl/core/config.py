@@ -18,8 +18,12 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 
-class ConfigError(Exception):
-    """A config problem the user must fix; `jaxrl.launch` prints it and exits with status 2."""
+class ConfigError(ValueError):
+    """A config problem the user must fix; `jaxrl.launch` prints it and exits with status 2.
+
+    Sections may also raise plain ValueError from `validate`/`__post_init__`; it is reported
+    the same way, prefixed with the file and the section's key.
+    """
 
 
 @dataclasses.dataclass
@@ -159,15 +163,15 @@ def build(cls: type, data: dict, *, source: str, prefix: str = "") -> Any:
         raise ConfigError(f"{source}: unknown key '{prefix}{key}'.{hint} "
                           f"Valid keys here: {', '.join(sorted(fields))}.")
     kwargs = {name: _coerce(hints[name], data[name], source, prefix + name) for name in data}
+    section = prefix.rstrip(".") or "config"
     try:
-        obj = cls(**kwargs)
-    except TypeError as e:  # a required field was not given
-        raise ConfigError(f"{source}: {prefix or 'config'}: {e}") from None
-    if hasattr(obj, "validate"):
-        try:
+        obj = cls(**kwargs)  # TypeError: a required field is missing
+        if hasattr(obj, "validate"):
             obj.validate()
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {section}: {e}") from None
     return obj
 
 

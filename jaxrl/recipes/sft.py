@@ -1,0 +1,150 @@
+"""Train or fine-tune GPT-2 on a text corpus (next-token loss on packed windows), with samples.
+
+Reports train loss, validation loss and perplexity; samples text at each evaluation; exports
+the final model in Hugging Face layout to `<run dir>/hf` (what the RL recipes start from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxrl.algorithms.optimizer import OptimizerConfig, make_optimizer
+from jaxrl.core.config import ConfigError, RecipeConfig
+from jaxrl.core.loop import train
+from jaxrl.core.mesh import (batch_sharding, make_mesh, replicated, shard_batch, shard_state,
+                             state_shardings)
+from jaxrl.core.train_state import TrainState
+from jaxrl.data.lm import LMDataConfig, load_lm_data
+from jaxrl.data.tokenizer import Tokenizer
+from jaxrl.models import gpt2
+from jaxrl.models.generate import generate
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """Text sampled at each evaluation, so progress can be read, not only measured."""
+
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["\n"])
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 40
+
+
+@dataclasses.dataclass
+class Config(RecipeConfig):
+    model: gpt2.GPT2Config = dataclasses.field(default_factory=lambda: gpt2.GPT2Config.preset("tiny"))
+    init_from: str = ""  # a Hugging Face GPT-2 directory to fine-tune; empty: random init
+    data: LMDataConfig = dataclasses.field(default_factory=LMDataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    eval_batches: int = 16  # validation batches per evaluation (0: the whole split)
+    samples: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+
+
+def lm_loss(model: gpt2.GPT2, batch: dict, *, deterministic: bool = True, rngs=None):
+    """Mean next-token cross-entropy over `loss_mask`; -> (loss, number of target tokens)."""
+    logits = model(batch["tokens"], batch["attention_mask"], deterministic=deterministic, rngs=rngs)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    count = mask.sum()
+    return (losses * mask).sum() / jnp.maximum(count, 1.0), count
+
+
+def train_step(state: TrainState, batch: dict, key: jax.Array):
+    def loss_fn(params):
+        loss, _ = lm_loss(state.model(params), batch, deterministic=False, rngs=key)
+        return loss
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return state.apply_gradients(grads), metrics
+
+
+def eval_step(state: TrainState, batch: dict):
+    """Summed loss and token count, so batches of different fill average correctly."""
+    loss, count = lm_loss(state.model(), batch)
+    return loss * count, count
+
+
+def init_model(cfg: Config) -> gpt2.GPT2:
+    if not cfg.init_from:
+        return gpt2.GPT2(cfg.model, rngs=nnx.Rngs(cfg.run.seed))
+    path = Path(cfg.init_from)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"init_from={cfg.init_from!r} is not a Hugging Face GPT-2 directory "
+                          "(config.json + model.safetensors or pytorch_model.bin).")
+    return gpt2.from_pretrained(path, dropout=cfg.model.dropout, dtype=cfg.model.dtype,
+                                param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+
+
+def run(cfg: Config) -> dict:
+    if cfg.data.seq_len > cfg.model.n_positions:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.n_positions="
+                          f"{cfg.model.n_positions}.")
+    mesh = make_mesh(cfg.mesh)
+    tokenizer = Tokenizer.gpt2()
+    data = load_lm_data(cfg.data, tokenizer)
+    tx = make_optimizer(cfg.optimizer)
+    state = shard_state(TrainState.create(init_model(cfg), tx), mesh)
+    shardings = state_shardings(state, mesh)
+    tokens = batch_sharding(mesh)
+    batch_shardings = {k: tokens for k in ("tokens", "targets", "loss_mask", "attention_mask")}
+    step_fn = jax.jit(train_step, in_shardings=(shardings, batch_shardings, replicated(mesh)),
+                      out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+    evaluate = jax.jit(eval_step, in_shardings=(shardings, batch_shardings))
+    run_dir = Path(cfg.run.dir)
+
+    def eval_fn(state, step):
+        total, count = 0.0, 0.0
+        for batch in data.val_batches(cfg.eval_batches):
+            loss_sum, n = jax.device_get(evaluate(state, shard_batch(batch, mesh)))
+            total, count = total + float(loss_sum), count + float(n)
+        val_loss = total / max(count, 1.0)
+        texts = sample(state, tokenizer, cfg.samples, jax.random.key(cfg.run.seed + step))
+        if jax.process_index() == 0:
+            with (run_dir / "samples.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, "samples": texts}) + "\n")
+            print(f"\n[step {step}] val_loss {val_loss:.4f}  val_ppl {np.exp(val_loss):.2f}\n"
+                  f"  sample: {texts[0][:200]!r}", flush=True)
+        return {"val_loss": val_loss, "val_ppl": float(np.exp(val_loss))}
+
+    start = time.perf_counter()
+    result = train(cfg, state=state, step_fn=step_fn, key=jax.random.key(cfg.run.seed),
+                   batches=data.train_iterator(), eval_fn=eval_fn, mesh=mesh,
+                   tokens_per_step=cfg.data.batch_size * cfg.data.seq_len)
+    if jax.process_index() == 0:
+        gpt2.save_pretrained(result.state.model(), run_dir / "hf")
+    summary = {
+        "steps": result.step,
+        "train_loss": result.last_metrics.get("loss"),
+        **result.eval_metrics,
+        "seconds": round(time.perf_counter() - start, 1),
+        "model_dir": str(run_dir / "hf"),
+    }
+    if jax.process_index() == 0:
+        print("\n" + "\n".join(f"  {k:<12} {v}" for k, v in summary.items()), flush=True)
+    return summary
+
+
+def sample(state: TrainState, tokenizer: Tokenizer, cfg: SampleConfig, key) -> list[str]:
+    """Decode a few continuations of `cfg.prompts` (left-padded) for a human to read."""
+    encoded = [tokenizer.encode(p) or [tokenizer.eot_id] for p in cfg.prompts]
+    width = max(map(len, encoded))
+    prompt = np.full((len(encoded), width), tokenizer.pad_id, np.int32)
+    for row, ids in enumerate(encoded):
+        prompt[row, width - len(ids):] = ids
+    graphdef, params = nnx.split(state.model())
+    out = generate(graphdef, params, jnp.asarray(prompt), jnp.asarray(prompt != tokenizer.pad_id),
+                   key, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                   top_k=cfg.top_k, eos_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
+    tokens, mask = jax.device_get((out.tokens, out.response_mask))
+    return [p + tokenizer.decode([int(t) for t, m in zip(row, keep) if m])
+            for p, row, keep in zip(cfg.prompts, tokens, mask)]
