@@ -12,9 +12,9 @@ from jaxrl.algorithms.reinforce import (
     BaselineState,
     CollapseGuard,
     ReinforceConfig,
-    ReinforceState,
     Rollout,
     compute_advantages,
+    init_state,
     make_train_step,
     policy_gradient_loss,
     update,
@@ -91,13 +91,14 @@ def test_loss_ignores_everything_outside_the_response_mask():
 def tiny_model(tokenizer, seed=0):
     cfg = GPT2Config(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, n_positions=16,
                      n_embd=64, n_layer=2, n_head=2)
-    return nnx.split(GPT2(cfg, rngs=nnx.Rngs(seed)))
+    return GPT2(cfg, rngs=nnx.Rngs(seed))
 
 
 def test_update_adds_the_kl_penalty_to_the_reference_and_reports_components():
     tokenizer = WordTokenizer(WORDS)
-    graphdef, params = tiny_model(tokenizer, seed=0)
-    _, ref_params = tiny_model(tokenizer, seed=1)
+    state = init_state(tiny_model(tokenizer, seed=0), optax.sgd(0.0))
+    graphdef, params = state.graphdef, state.params
+    ref_params = nnx.state(tiny_model(tokenizer, seed=1), nnx.Param)
     pad, eot = tokenizer.pad_id, tokenizer.eot_id
     tokens = jnp.array([[pad, 12, 13, 0, 1, eot], [12, 14, 15, 6, pad, pad]], jnp.int32)
     mask = (tokens != pad).astype(jnp.int32)
@@ -107,10 +108,7 @@ def test_update_adds_the_kl_penalty_to_the_reference_and_reports_components():
         "sentiment": jnp.array([0.8, -0.5]), "length_penalty": jnp.array([0.0, -0.1]),
         "reward": jnp.array([0.8, -0.6])})
     cfg = ReinforceConfig(kl_coef=0.1, group_size=2, baseline="batch_mean")
-    tx = optax.sgd(0.0)
-    state = ReinforceState.create(params, tx)
-    _, metrics = jax.jit(lambda s, r: update(s, r, jax.random.key(0), graphdef=graphdef,
-                                             optimizer=tx, cfg=cfg))(state, rollout)
+    _, metrics = jax.jit(lambda s, r: update(s, r, jax.random.key(0), cfg=cfg))(state, rollout)
     policy = token_logprobs(graphdef, params, tokens, mask)
     kl = np.asarray(((policy - ref) * response).sum(-1))
     assert float(metrics["kl"]) == pytest.approx(kl.mean(), rel=1e-5) and abs(kl.mean()) > 0.01
@@ -142,11 +140,9 @@ def test_tiny_gpt2_learns_to_be_positive():
     env = TextEnv(PROMPTS, tokenizer, reward, max_prompt_tokens=4, seed=0)
     cfg = ReinforceConfig(prompts_per_step=8, group_size=4, max_new_tokens=8, kl_coef=0.01,
                           baseline="leave_one_out")
-    graphdef, params = tiny_model(tokenizer)
-    ref_params = jax.tree.map(jnp.copy, params)
-    tx = optax.adam(3e-3)
-    state = ReinforceState.create(params, tx)
-    step, collector = make_train_step(env, graphdef, tx, cfg, ref_params=ref_params,
+    state = init_state(tiny_model(tokenizer), optax.adam(3e-3))
+    ref_params = jax.tree.map(jnp.copy, state.params)  # the step donates state.params
+    step, collector = make_train_step(env, state.graphdef, cfg, ref_params=ref_params,
                                       guard=CollapseGuard(cfg, log=lambda _: None))
     history = []
     for i in range(20):
@@ -156,6 +152,6 @@ def test_tiny_gpt2_learns_to_be_positive():
     assert abs(sentiment[0]) < 0.3, sentiment
     assert np.mean(sentiment[-5:]) > sentiment[0] + 0.4, sentiment
     assert float(history[-1]["kl"]) > float(history[0]["kl"])  # it moved away from the reference
-    assert int(state.step) == 20 and int(state.baseline.count) == 20
+    assert int(state.step) == 20 and int(state.extra["baseline"].count) == 20
     samples = collector.last_samples.rows(4)
     assert len(samples) == 4 and {"prompt", "completion", "sentiment", "reward"} <= set(samples[0])

@@ -37,6 +37,7 @@ import optax
 from flax import nnx
 
 from jaxrl.core.config import ConfigError
+from jaxrl.core.train_state import TrainState
 from jaxrl.envs.text import TextEnv
 from jaxrl.models.generate import generate, token_logprobs
 
@@ -96,19 +97,13 @@ class BaselineState:
         return cls(value=jnp.zeros((), jnp.float32), count=jnp.zeros((), jnp.int32))
 
 
-@flax.struct.dataclass
-class ReinforceState:
-    """Everything a resumed run needs: params, optimizer and baseline state, step count."""
-
-    step: jax.Array
-    params: nnx.State
-    opt_state: optax.OptState
-    baseline: BaselineState
-
-    @classmethod
-    def create(cls, params: nnx.State, optimizer: optax.GradientTransformation) -> ReinforceState:
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                   baseline=BaselineState.zero())
+def init_state(model: nnx.Module, optimizer: optax.GradientTransformation) -> TrainState:
+    """The core `TrainState` with the moving-average baseline in `extra` (so it is checkpointed)."""
+    state = TrainState.create(model, optimizer, extra={"baseline": BaselineState.zero()})
+    if jax.tree.leaves(state.rest):
+        raise ValueError("REINFORCE samples and scores with `(graphdef, params)` alone, but the "
+                         "model has non-parameter state; build it without stateful RNGs.")
+    return state
 
 
 @flax.struct.dataclass
@@ -168,31 +163,27 @@ def policy_gradient_loss(logprobs: jax.Array, response_mask: jax.Array, advantag
     return -jnp.mean(jax.lax.stop_gradient(advantages) * sequence_logprob)
 
 
-def update(state: ReinforceState, rollout: Rollout, key: jax.Array, *, graphdef: nnx.GraphDef,
-           optimizer: optax.GradientTransformation, cfg: ReinforceConfig,
-           ) -> tuple[ReinforceState, dict[str, jax.Array]]:
+def update(state: TrainState, rollout: Rollout, key: jax.Array, *, cfg: ReinforceConfig,
+           ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One REINFORCE step on a scored rollout (pure; jit it, donating `state`)."""
     del key  # no dropout in RL fine-tuning; kept for the loop's step signature
     response = rollout.response_mask.astype(jnp.float32)
     lengths = response.sum(-1)
 
     def loss_fn(params):
-        logprobs = token_logprobs(graphdef, params, rollout.tokens, rollout.mask)
+        logprobs = token_logprobs(state.graphdef, params, rollout.tokens, rollout.mask)
         # k1 estimate of KL(pi || pi_ref) per completion, from the sampled tokens.
         kl = jnp.sum((jax.lax.stop_gradient(logprobs) - rollout.ref_logprobs) * response, -1)
         kl_penalty = -cfg.kl_coef * kl
         total = rollout.rewards["reward"] + kl_penalty
-        advantages, values, next_baseline = compute_advantages(total, state.baseline, cfg)
+        advantages, values, next_baseline = compute_advantages(total, state.extra["baseline"], cfg)
         loss = policy_gradient_loss(logprobs, response, advantages)
         aux = dict(logprobs=logprobs, kl=kl, kl_penalty=kl_penalty, total=total,
                    advantages=advantages, values=values, next_baseline=next_baseline)
         return loss, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              baseline=aux["next_baseline"])
+    new_state = state.apply_gradients(grads, extra={**state.extra, "baseline": aux["next_baseline"]})
 
     # -log pi of the sampled tokens: an unbiased per-token entropy estimate when sampling
     # at temperature 1 without top-k/top-p (the default).
@@ -312,8 +303,8 @@ class CollapseGuard:
         return messages
 
 
-def make_train_step(env: TextEnv, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    cfg: ReinforceConfig, *, ref_params: nnx.State | None,
+def make_train_step(env: TextEnv, graphdef: nnx.GraphDef, cfg: ReinforceConfig, *,
+                    ref_params: nnx.State | None,
                     state_sharding=None, batch_sharding=None,
                     guard: CollapseGuard | None = None) -> tuple[Callable, RolloutCollector]:
     """`step(state, None, key) -> (state, metrics)` for the core loop, and its collector.
@@ -325,13 +316,13 @@ def make_train_step(env: TextEnv, graphdef: nnx.GraphDef, optimizer: optax.Gradi
     collector = RolloutCollector(env, graphdef, cfg, ref_params=ref_params,
                                  batch_sharding=batch_sharding)
     jitted_update = jax.jit(
-        functools.partial(update, graphdef=graphdef, optimizer=optimizer, cfg=cfg),
+        functools.partial(update, cfg=cfg),
         donate_argnums=0,
         **({"out_shardings": (state_sharding, None)} if state_sharding is not None else {}),
     )
     guard = guard or CollapseGuard(cfg)
 
-    def step(state: ReinforceState, batch, key: jax.Array):
+    def step(state: TrainState, batch, key: jax.Array):
         if batch is not None:
             raise ValueError("the REINFORCE step makes its own rollouts; call train() without batches.")
         index = int(state.step)
