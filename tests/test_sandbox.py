@@ -1,0 +1,184 @@
+"""The sandbox against hostile candidates: each attack fails the sample, the host is untouched."""
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from jaxrl.eval.grading import PythonGrader
+from jaxrl.eval.sandbox import Limits, Sandbox, SandboxUnavailable
+from jaxrl.eval.tasks import CodeTask
+
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+
+# `add` is correct in every attack below unless the attack itself breaks it, so only the sandbox
+# and the harness stand between the attack and a pass.
+TASK = CodeTask(
+    task_id="adversarial/add",
+    prompt="def add(a, b):\n",
+    entry_point="add",
+    test="def check(candidate):\n    assert candidate(2, 3) == 5\n\ncheck(add)\n",
+    reference="def add(a, b):\n    return a + b\n",
+)
+UNITTEST_TASK = CodeTask(
+    task_id="adversarial/add_unittest",
+    prompt="",
+    entry_point="add",
+    test=(
+        "import unittest\n\nclass AddTest(unittest.TestCase):\n"
+        "    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n"
+    ),
+    reference="def add(a, b):\n    return a + b\n",
+    kind="unittest",
+    test_classes=("AddTest",),
+)
+LIMITS = Limits(wall_seconds=5.0, cpu_seconds=2, memory_bytes=512 << 20, output_bytes=1 << 16)
+
+
+@pytest.fixture(scope="module")
+def grader():
+    grader = PythonGrader(Sandbox("bwrap"), limits=LIMITS, workers=2, cache=False)
+    yield grader
+    grader.close()
+
+
+@pytest.fixture()
+def outside(tmp_path_factory):
+    """A file outside the sandbox that attacks try to change; /var/tmp is not masked by bwrap."""
+    root = Path(tempfile.mkdtemp(prefix="jaxrl-canary-", dir="/var/tmp"))
+    canary = root / "canary.txt"
+    canary.write_text("untouched")
+    yield canary
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _home_file() -> Path | None:
+    home = Path.home()
+    files = [p for p in home.iterdir() if p.is_file()] if home.is_dir() else []
+    return files[0] if files else None
+
+
+ATTACKS = {
+    "infinite_loop": ("while True:\n    pass\n", "time"),
+    "busy_thread": (
+        "import threading\n"
+        "def add(a, b):\n    t = threading.Thread(target=lambda: [0 for _ in iter(int, 1)])\n"
+        "    t.start(); t.join()\n    return a + b\n",
+        "time",
+    ),
+    "fork_bomb": (
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+        "",
+    ),
+    "memory_hog": ("blocks = []\nwhile True:\n    blocks.append(bytearray(50 << 20))\n", "MemoryError"),
+    "giant_output": ("while True:\n    print('x' * 4096)\n", "output limit"),
+    "network": (
+        "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\n"
+        "def add(a, b):\n    return a + b\n",
+        "OSError",
+    ),
+    "kill_parent": (
+        "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(1, signal.SIGKILL)\n"
+        "def add(a, b):\n    return a - b\n",
+        "AssertionError",
+    ),
+    "exit_before_asserts": ("import sys\nsys.exit(0)\n", "SystemExit"),
+    "os_exit_before_asserts": ("import os\nos._exit(0)\n", "exited (code 0)"),
+    "patch_exit_and_asserts": (
+        "import builtins, sys\nbuiltins.AssertionError = type('Never', (Exception,), {})\n"
+        "sys.exit = lambda *a: None\ndef add(a, b):\n    return 0\n",
+        "",
+    ),
+    "background_process": (
+        "import subprocess\nsubprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+        "def add(a, b):\n    return a + b\n",
+        "background process",
+    ),
+    "deep_recursion": ("def add(a, b):\n    return add(a, b)\n", "RecursionError"),
+    "c_stack_overflow": (
+        "import sys\nsys.setrecursionlimit(10**8)\ndef add(a, b):\n    return add(a, b)\n",
+        "",
+    ),
+    "segfault": ("import ctypes\nctypes.string_at(0)\n", "segmentation fault"),
+    "sleep_past_timeout": ("import time\ntime.sleep(60)\n", "timed out"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_fails_sample_and_harness_survives(grader, name):
+    code, expected_reason = ATTACKS[name]
+    start = time.monotonic()
+    result = grader.grade(TASK, code)
+    assert not result.passed, f"{name} passed: {result}"
+    assert result.reason, name
+    assert expected_reason in result.reason, f"{name}: unexpected reason {result.reason!r}"
+    assert time.monotonic() - start < LIMITS.wall_seconds + 3
+    # The harness still grades a correct solution afterwards.
+    assert grader.grade(TASK, TASK.reference).passed
+
+
+def test_writes_and_deletes_outside_workdir_fail_and_change_nothing(grader, outside):
+    for code in (
+        f"open({str(outside)!r}, 'w').write('pwned')\n",
+        f"import os\nos.remove({str(outside)!r})\n",
+        "open('/etc/jaxrl-pwned', 'w').write('x')\n",
+    ):
+        result = grader.grade(TASK, code + TASK.reference)
+        assert not result.passed and "OSError" in result.reason, result
+    assert outside.read_text() == "untouched"
+    assert not Path("/etc/jaxrl-pwned").exists()
+
+
+def test_workdir_is_writable_and_fresh(grader):
+    write = "open('scratch.txt', 'a').write('x')\nassert open('scratch.txt').read() == 'x'\n"
+    assert grader.grade(TASK, write + TASK.reference).passed
+    assert grader.grade(TASK, write + TASK.reference + "\n").passed  # a second run starts clean
+
+
+def test_home_directory_is_hidden(grader):
+    secret = _home_file()
+    if secret is None:
+        pytest.skip("no file in the home directory to try to read")
+    result = grader.grade(TASK, f"print(open({str(secret)!r}).read())\n" + TASK.reference)
+    assert not result.passed and "FileNotFoundError" in result.reason, result
+
+
+def test_unittest_assert_monkeypatch_is_caught(grader):
+    patch = (
+        "import unittest\nunittest.TestCase.assertEqual = lambda self, *a, **k: None\n"
+        "def add(a, b):\n    return 0\n"
+    )
+    result = grader.grade(UNITTEST_TASK, patch)
+    assert not result.passed and "tampered" in result.reason, result
+    assert grader.grade(UNITTEST_TASK, UNITTEST_TASK.reference).passed
+
+
+def test_no_leftover_processes_after_background_attack(grader):
+    grader.grade(TASK, "import subprocess\nsubprocess.Popen(['sleep', '123.456'])\n" + TASK.reference)
+    time.sleep(0.2)
+    leftovers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if "123.456" in Path(f"/proc/{pid}/cmdline").read_text():
+                leftovers.append(pid)
+        except OSError:
+            pass
+    assert not leftovers
+
+
+def test_process_mode_only_on_request_and_says_so(capsys):
+    sandbox = Sandbox("process", Limits(wall_seconds=2.0))
+    assert "NOT a sandbox" in sandbox.describe()
+    result = sandbox.run(["sh", "-c", "sleep 30"])
+    assert result.timed_out and "timed out" in result.failure
+    with pytest.raises(ValueError, match="unknown sandbox mode"):
+        Sandbox("docker")
+
+
+def test_missing_bwrap_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SandboxUnavailable, match="apt-get install -y bubblewrap"):
+        Sandbox("bwrap")
