@@ -25,3 +25,34 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+# A GPT-2 small enough that a compile plus a few dozen steps take seconds on 2 cores.
+TINY_SFT_OVERRIDES = [
+    "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.n_positions=64",
+    "data.seq_len=16", "data.batch_size=8", "optimizer.warmup_steps=2",
+    "optimizer.decay_steps=1000", "loop.progress=false", "loop.log_every=1",
+    "eval_batches=1", "samples.max_new_tokens=4",
+]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """A small text corpus written by the test (no external data needed)."""
+    import this  # noqa: F401  (the Zen of Python, shipped with Python)
+    import codecs
+
+    zen = codecs.decode(this.s, "rot13")
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join([zen] * 20))
+    return path
+
+
+def run_launch(*args, cwd=None, timeout=600, env=None):
+    """`python -m jaxrl.launch ARGS` in a subprocess with 8 fake CPU devices."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "jaxrl.launch", *map(str, args)], cwd=cwd or REPO,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -210,6 +210,11 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool):
         if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
             raise ConfigError(f"{source}: '{key}' must be {tp.__name__}, got {value!r} "
