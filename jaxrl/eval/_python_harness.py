@@ -54,7 +54,11 @@ def _leftover_processes():
 
 def _run(job, verdict):
     before = _snapshot(job["kind"] == "unittest")
-    namespace = {"__name__": "__candidate__", "__builtins__": builtins}
+    namespace = {
+        "__name__": "__candidate__",
+        "__file__": os.path.join(os.getcwd(), "solution.py"),
+        "__builtins__": builtins,
+    }
     try:
         exec(compile(job["program"], "solution.py", "exec"), namespace)
     except BaseException as e:  # noqa: BLE001 - SystemExit too: the tests never ran

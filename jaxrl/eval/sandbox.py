@@ -166,7 +166,9 @@ class Sandbox:
             args += ["--bind", workdir, workdir, "--chdir", workdir]
         else:
             args += ["--chdir", "/tmp"]
-        args += ["--unshare-all", "--die-with-parent", "--new-session", "--", *argv]
+        # An unprivileged uid inside: no capabilities, so file permissions bind even when we are root.
+        args += ["--unshare-all", "--uid", "1000", "--gid", "1000"]
+        args += ["--die-with-parent", "--new-session", "--", *argv]
         return args
 
     def _limit_argv(self, limits: Limits, use_nproc: bool) -> list[str]:
@@ -174,7 +176,7 @@ class Sandbox:
             return []
         args = [
             self._prlimit,
-            f"--cpu={limits.cpu_seconds}",
+            f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}",  # SIGXCPU first, SIGKILL 1 s later
             f"--as={limits.memory_bytes}",
             f"--fsize={limits.file_size_bytes}",
             f"--nofile={limits.max_open_files}",

@@ -110,7 +110,7 @@ def load_classeval(data_dir: str | os.PathLike | None = None) -> list[CodeTask]:
             reference=r["solution_code"],
             kind="unittest",
             prefix="".join(f"{s}\n" for s in r["import_statement"]),
-            test_classes=tuple(r["test_classes"]),
+            test_classes=tuple(name.strip() for name in r["test_classes"]),  # one has a stray space
         )
         for r in rows
     ]
