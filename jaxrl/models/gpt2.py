@@ -86,14 +86,14 @@ class KVCache:
     slot (the same for all rows: prompts are left-padded, so rows advance together).
     """
 
-    keys: tuple[jax.Array, ...]  # per layer [B, max_len, n_head, head_dim]
+    keys: tuple[jax.Array, ...]  # per layer [B, n_head, max_len, head_dim]
     values: tuple[jax.Array, ...]  # same
     valid: jax.Array  # [B, max_len] bool
     index: jax.Array  # [] int32
 
     @classmethod
     def empty(cls, cfg: GPT2Config, batch_size: int, max_len: int) -> KVCache:
-        shape = (batch_size, max_len, cfg.n_head, cfg.head_dim)
+        shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
         dtype = _DTYPES[cfg.dtype]
         return cls(
             keys=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)),
@@ -152,19 +152,19 @@ class Attention(nnx.Module):
         """
         B, T, C = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
-        qkv = self.c_attn(x).reshape(B, T, 3, H, D)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # [B, H, T, D]: the cache's layout, so decoding writes and reads it without transposes.
+        q, k, v = self.c_attn(x).reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)
         if cached is not None:  # write these T steps at `index`, then attend over all slots
             keys, values, index = cached
-            k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, index, 0, 0))
-        scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+            k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, 0, index, 0))
+            v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, 0, index, 0))
+        scores = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(D)
         # finfo.min, not -inf: a row with nothing to attend to (a pad query) stays finite.
         scores = jnp.where(attend[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic, rngs=rngs)
-        out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, C)
+        out = jnp.einsum("bhts,bhsd->bthd", probs, v).reshape(B, T, C)
         out = self.resid_dropout(self.c_proj(out), deterministic=deterministic, rngs=rngs)
         return out if cached is None else (out, (k, v))
 
