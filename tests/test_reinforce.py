@@ -155,3 +155,44 @@ def test_tiny_gpt2_learns_to_be_positive():
     assert int(state.step) == 20 and int(state.extra["baseline"].count) == 20
     samples = collector.last_samples.rows(4)
     assert len(samples) == 4 and {"prompt", "completion", "sentiment", "reward"} <= set(samples[0])
+
+
+def test_recipe_without_a_checkpoint_names_the_sft_command(tmp_path, capsys):
+    from jaxrl import launch
+
+    code = launch.main(["configs/reinforce_sentiment.yaml", f"run.dir={tmp_path}",
+                        f"init_from={tmp_path / 'missing'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "missing") in err and "configs/sft_gpt2_shakespeare.yaml" in err
+
+
+def test_recipe_logs_every_component_and_resumes(tmp_path, shared_data):
+    """The launch path on 8 fake devices: a random tiny GPT-2 in HF layout stands in for the
+    SFT export; two steps, then a resumed third."""
+    import json
+
+    from jaxrl import launch
+    from jaxrl.models.gpt2 import save_pretrained
+
+    save_pretrained(GPT2(GPT2Config(n_positions=32, n_embd=32, n_layer=1, n_head=2),
+                         rngs=nnx.Rngs(0)), tmp_path / "sft")
+    run_dir = tmp_path / "run"
+    args = ["configs/reinforce_sentiment.yaml", f"run.dir={run_dir}", f"init_from={tmp_path / 'sft'}",
+            "prompts.prefix_tokens=4", "prompts.limit=64", "prompts.eval_prompts=8",
+            "reinforce.prompts_per_step=4", "reinforce.group_size=2", "reinforce.max_new_tokens=6",
+            "loop.log_every=1", "loop.eval_every=2", "loop.checkpoint_every=2", "loop.progress=false"]
+    assert launch.main([*args, "loop.steps=2"]) == 0
+    assert launch.main([*args, "loop.steps=3"]) == 0  # resumes from the step-2 checkpoint
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    for key in ("reward", "reward/sentiment", "reward/length_penalty", "reward/kl_penalty", "kl",
+                "entropy", "response_length", "baseline"):
+        assert all(np.isfinite(r[key]) for r in train_rows), key
+    evals = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 3]  # before training, then each eval; no re-run of 0
+    assert len(evals[0]["samples"]) == 4 and "eval/sentiment" in evals[0]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == 3 and (run_dir / "hf" / "model.safetensors").is_file()

@@ -239,18 +239,17 @@ class RolloutCollector:
         self.last_samples: Samples | None = None
 
     def sample(self, params: nnx.State, prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
-               key: jax.Array, *, temperature: float | None = None):
+               key: jax.Array):
         cfg = self.cfg
         return generate(
             self.graphdef, params, self._place(prompt_tokens), self._place(prompt_mask), key,
             max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature if temperature is None else temperature,
-            top_k=cfg.top_k, top_p=cfg.top_p,
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
             eos_id=self.env.tokenizer.eot_id, pad_id=self.env.tokenizer.pad_id)
 
     def score(self, prompts: list[str], generation) -> tuple[dict[str, np.ndarray], Samples]:
-        width = self.env.max_prompt_tokens
         tokens, response_mask = jax.device_get((generation.tokens, generation.response_mask))
+        width = tokens.shape[1] - self.cfg.max_new_tokens  # the prompt columns
         completions = self.env.completions(prompts, tokens[:, width:], response_mask[:, width:])
         rewards = self.env.score(completions)
         return rewards, Samples(list(prompts), list(completions.texts), rewards)

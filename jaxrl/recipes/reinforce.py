@@ -1,0 +1,140 @@
+"""Fine-tune a GPT-2 checkpoint with REINFORCE (RLOO/GRPO baselines) towards positive sentiment.
+
+Starts from a Hugging Face-layout GPT-2 directory (by default the one the SFT recipe exports),
+samples completions of corpus prompts, scores them on the host (VADER sentiment + length
+penalty), subtracts a KL penalty to the frozen starting model, and updates. Logs every reward
+component, entropy, KL and response length; each evaluation scores held-out prompts and
+appends a few samples to `<run dir>/samples.jsonl` (step 0 = before training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxrl.algorithms.optimizer import OptimizerConfig, make_optimizer
+from jaxrl.algorithms.reinforce import ReinforceConfig, init_state, make_train_step
+from jaxrl.core.config import ConfigError, RecipeConfig
+from jaxrl.core.loop import train
+from jaxrl.core.mesh import batch_sharding, make_mesh, shard_state, state_shardings
+from jaxrl.data.sources import load_prompts, resolve_path
+from jaxrl.data.tokenizer import Tokenizer
+from jaxrl.envs.text import LengthPenaltyConfig, SentimentReward, TextEnv
+from jaxrl.models import gpt2
+
+SFT_COMMAND = "python -m jaxrl.launch configs/sft_gpt2_shakespeare.yaml"
+
+
+@dataclasses.dataclass
+class PromptConfig:
+    """Where prompts come from (see `jaxrl.data.sources.load_prompts`)."""
+
+    path: str = "corpora/tinyshakespeare/input.txt"
+    data_dir: str = ""  # root for a relative path; empty: $JAXRL_DATA_DIR or ../shared/data
+    prefix_tokens: int = 8  # >0: the first tokens of each document; 0: one prompt per line/row
+    separator: str = "\n\n"  # splits a text file into documents (prefix mode)
+    text_field: str = "prompt"  # JSONL field
+    limit: int = 0  # keep the first N prompts (0: all)
+    eval_prompts: int = 32  # the last N prompts are held out and scored at each evaluation
+
+    def validate(self):
+        if self.prefix_tokens < 0 or self.limit < 0 or self.eval_prompts < 1:
+            raise ConfigError("prompts: prefix_tokens and limit must be >= 0 and eval_prompts >= 1, "
+                              f"got {self.prefix_tokens}, {self.limit}, {self.eval_prompts}.")
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    sentiment_weight: float = 1.0
+    length_penalty: LengthPenaltyConfig = dataclasses.field(default_factory=LengthPenaltyConfig)
+
+
+@dataclasses.dataclass
+class Config(RecipeConfig):
+    init_from: str = "runs/sft_gpt2_shakespeare/hf"  # HF GPT-2 directory (the SFT recipe's export)
+    prompts: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    reinforce: ReinforceConfig = dataclasses.field(default_factory=ReinforceConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(
+        lr=1e-4, warmup_steps=10, decay_steps=1000, weight_decay=0.0))
+    samples_per_eval: int = 4  # completions printed and written to samples.jsonl per evaluation
+
+
+def load_policy(init_from: str) -> gpt2.GPT2:
+    path = Path(init_from)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"init_from={init_from!r}: no GPT-2 checkpoint there ({path / 'config.json'} is "
+            f"missing). Train one with `{SFT_COMMAND}` (it writes runs/sft_gpt2_shakespeare/hf), "
+            "or set init_from=<a Hugging Face GPT-2 directory>.")
+    return gpt2.from_pretrained(path)
+
+
+def run(cfg: Config) -> dict:
+    tokenizer = Tokenizer.gpt2()
+    model = load_policy(cfg.init_from)
+    if cfg.prompts.prefix_tokens + cfg.reinforce.max_new_tokens > model.cfg.n_positions:
+        raise ConfigError(f"prompts.prefix_tokens + reinforce.max_new_tokens = "
+                          f"{cfg.prompts.prefix_tokens + cfg.reinforce.max_new_tokens} exceeds the "
+                          f"model's n_positions={model.cfg.n_positions}.")
+    prompts = load_prompts(resolve_path(cfg.prompts.path, cfg.prompts.data_dir), prefix_tokens=cfg.prompts.prefix_tokens,
+                           separator=cfg.prompts.separator, text_field=cfg.prompts.text_field,
+                           tokenizer=tokenizer, limit=cfg.prompts.limit)
+    if len(prompts) <= cfg.prompts.eval_prompts:
+        raise ConfigError(f"prompts: {len(prompts)} prompts leave none for training after holding "
+                          f"out eval_prompts={cfg.prompts.eval_prompts}; lower it or add prompts.")
+    reward = SentimentReward(cfg.reward.length_penalty, sentiment_weight=cfg.reward.sentiment_weight)
+    width = cfg.prompts.prefix_tokens or 32
+    env = TextEnv(prompts[:-cfg.prompts.eval_prompts], tokenizer, reward,
+                  max_prompt_tokens=width, seed=cfg.run.seed)
+    eval_env = TextEnv(prompts[-cfg.prompts.eval_prompts:], tokenizer, reward,
+                       max_prompt_tokens=width, seed=cfg.run.seed)
+
+    mesh = make_mesh(cfg.mesh)
+    state = shard_state(init_state(model, make_optimizer(cfg.optimizer)), mesh)
+    ref_params = shard_state(jax.tree.map(lambda x: x.copy(), state.params), mesh)  # frozen
+    step_fn, collector = make_train_step(
+        env, state.graphdef, cfg.reinforce, ref_params=ref_params,
+        state_sharding=state_shardings(state, mesh),
+        batch_sharding=lambda ndim: batch_sharding(mesh, ndim))
+    run_dir = Path(cfg.run.dir)
+    eval_key = jax.random.key(cfg.run.seed + 1)  # the same key every eval: comparable samples
+
+    def eval_fn(state, step: int) -> dict:
+        batch = eval_env.prompt_batch(0, cfg.prompts.eval_prompts)
+        generation = collector.sample(state.params, batch.tokens, batch.mask, eval_key)
+        rewards, samples = collector.score(batch.texts, generation)
+        lengths = np.asarray(jax.device_get(generation.response_mask)).sum(-1)
+        metrics = {f"eval/{k}": float(v.mean()) for k, v in rewards.items()}
+        metrics["eval/response_length"] = float(lengths.mean())
+        if jax.process_index() == 0:
+            rows = samples.rows(cfg.samples_per_eval)
+            with (run_dir / "samples.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, **metrics, "samples": rows}) + "\n")
+            print(f"\n[step {step}] " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+            for row in rows[:2]:
+                print(f"  {row['prompt']!r} -> {row['completion'][:160]!r}", flush=True)
+        return metrics
+
+    fresh = not any((run_dir / "checkpoints").glob("[0-9]*"))
+    initial = eval_fn(state, 0) if fresh else {}
+    start = time.perf_counter()
+    result = train(cfg, state=state, step_fn=step_fn, key=jax.random.key(cfg.run.seed),
+                   eval_fn=eval_fn, mesh=mesh)
+    summary = {
+        "steps": result.step,
+        "seconds": round(time.perf_counter() - start, 1),
+        **{f"initial_{k}": v for k, v in initial.items()},
+        **result.eval_metrics,
+        **{f"train/{k}": result.last_metrics[k] for k in ("reward", "reward/sentiment", "kl", "entropy")
+           if k in result.last_metrics},
+    }
+    if jax.process_index() == 0:
+        gpt2.save_pretrained(result.state.model(), run_dir / "hf")
+        print("\n" + "\n".join(f"  {k:<28} {v}" for k, v in summary.items()), flush=True)
+    return summary
