@@ -3,8 +3,8 @@
 A policy is `policy_fn(key, obs[260], params) -> int action` for ONE observation; it is vmapped
 over the episodes, which all run side by side in one jitted `lax.scan`. Episode i always starts
 from `reset(split(PRNGKey(seed), num_episodes)[i])`, so two policies evaluated with the same
-seed face exactly the same asteroid belts, hazards and price paths (the env's RNG is counter
-based: the world's randomness does not depend on the actions... except through what they do).
+seed face the same asteroid belts and the same random draws at every step (the env's RNG is
+keyed by (episode seed, step, draw index), never by the actions taken).
 """
 
 from __future__ import annotations
