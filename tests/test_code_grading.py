@@ -143,3 +143,18 @@ def test_missing_data_dir_names_the_fix(tmp_path):
         load_mbpp(tmp_path)
     with pytest.raises(ValueError, match="unknown MBPP split"):
         load_mbpp(tmp_path, split="dev")
+
+
+def test_eval_code_recipe_grades_references_from_the_cli_config(tmp_path, shared_data):
+    from jaxrl.core.config import ConfigError
+    from jaxrl.launch import load
+
+    module, cfg = load("configs/eval_code.yaml", ["benchmark=mbpp", "references=true", "limit=6",
+                                                  f"data_dir={shared_data}", f"run.dir={tmp_path}"])
+    summary = module.run(cfg)
+    assert summary["tasks"] == 6 and summary["pass@1"] == 1.0
+    assert (tmp_path / "results_mbpp.jsonl").read_text().count("\n") == 6
+    with pytest.raises(ConfigError, match="references=true"):
+        load("configs/eval_code.yaml", [])
+    with pytest.raises(ConfigError, match="n_samples"):
+        load("configs/eval_code.yaml", ["checkpoint=x", "sampling.k=[5]"])
