@@ -100,7 +100,7 @@ def test_value_bootstraps_through_time_limit_end_to_end():
                     anneal_lr=False, clip_value=False, max_grad_norm=100.0)
     env = ConstantRewardEnv()
     ppo = PPO(env, None, lambda k: ActorCritic(1, 2, hidden=(8,), rngs=nnx.Rngs(k)), cfg, 60)
-    state = ppo.init(jax.random.key(0))
+    state = jax.jit(ppo.init)(jax.random.key(0))
     update = jax.jit(ppo.update)
     for i in range(60):
         state, metrics = update(state, jax.random.key(i))
@@ -132,7 +132,7 @@ class MaskedBandit:
 def test_action_mask_limits_sampling_and_learning():
     cfg = PPOConfig(num_envs=16, rollout_steps=8, epochs=2, minibatches=2, lr=1e-2)
     ppo = PPO(MaskedBandit(), None, lambda k: ActorCritic(3, 5, rngs=nnx.Rngs(k)), cfg, 30)
-    state = ppo.init(jax.random.key(0))
+    state = jax.jit(ppo.init)(jax.random.key(0))
     _, traj = jax.jit(ppo.rollout)(state, jax.random.key(1))
     assert set(np.unique(traj.action)) == {2, 4}
     update = jax.jit(ppo.update)
@@ -152,12 +152,12 @@ def _cartpole_ppo(num_updates: int) -> PPO:
 def test_update_resumes_exactly_from_a_checkpoint(tmp_path):
     ppo = _cartpole_ppo(num_updates=10)
     update = jax.jit(ppo.update)
-    state = ppo.init(jax.random.key(0))
+    state = jax.jit(ppo.init)(jax.random.key(0))
     for i in range(2):
         state, _ = update(state, jax.random.key(i))
     ckpt = Checkpointer(tmp_path, async_save=False)
     ckpt.save(2, state)
-    restored, _, _ = ckpt.restore(ppo.init(jax.random.key(99)))
+    restored, _, _ = ckpt.restore(jax.jit(ppo.init)(jax.random.key(99)))
     ckpt.close()
     straight, _ = update(state, jax.random.key(2))
     resumed, _ = update(restored, jax.random.key(2))
@@ -188,7 +188,8 @@ def test_cartpole_solved_by_two_seeds_trained_under_vmap():
 
     def greedy_returns(params):
         act = lambda k, obs, mask: ppo.act(params, k, obs, mask)  # noqa: E731
-        return evaluate(ppo.env, ppo.env_params, act, jax.random.key(7), num_episodes=32,
+        reset_keys = jax.random.split(jax.random.key(7), 32)
+        return evaluate(ppo.env, ppo.env_params, act, reset_keys, jax.random.key(8),
                         max_steps=500)
 
     returns = jax.jit(jax.vmap(greedy_returns))(states.params)

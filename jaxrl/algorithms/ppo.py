@@ -50,6 +50,9 @@ class PPOConfig:
     anneal_lr: bool = True  # linear decay to 0 over the run's updates
     max_grad_norm: float = 0.5
     normalize_advantages: bool = True
+    # Multiplies rewards for learning only (logged returns stay in env units). Keeps value
+    # targets near unit scale so the value gradient does not eat the global-norm clip budget.
+    reward_scale: float = 1.0
 
     @property
     def batch_size(self) -> int:
@@ -66,7 +69,7 @@ class PPOConfig:
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"ppo.{name} must be in [0, 1], got {getattr(self, name)}.")
-        for name in ("clip_eps", "lr", "max_grad_norm"):
+        for name in ("clip_eps", "lr", "max_grad_norm", "reward_scale"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ppo.{name} must be > 0, got {getattr(self, name)}.")
         for name in ("vf_coef", "ent_coef"):
@@ -275,7 +278,7 @@ class PPO:
         state, traj = self.rollout(state, rollout_key)
 
         next_values = self.model(state.params).value(traj.final_obs)
-        advantages, targets = gae(traj.reward, traj.value, next_values, traj.terminated,
+        advantages, targets = gae(traj.reward * cfg.reward_scale, traj.value, next_values, traj.terminated,
                                   traj.done, gamma=cfg.gamma, lam=cfg.gae_lambda)
 
         flat = lambda x: x.reshape(cfg.batch_size, *x.shape[2:])  # noqa: E731
@@ -286,6 +289,7 @@ class PPO:
         def minibatch_step(carry, minibatch):
             params, opt_state = carry
             grads, metrics = grad_fn(params, *minibatch)
+            metrics["grad_norm"] = optax.global_norm(grads)
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), metrics
 
@@ -317,16 +321,16 @@ class PPO:
         return jax.random.categorical(key, logits)
 
 
-def evaluate(env, env_params, act: Callable, key: jax.Array, *, num_episodes: int,
+def evaluate(env, env_params, act: Callable, reset_keys: jax.Array, key: jax.Array, *,
              max_steps: int) -> jax.Array:
-    """Return of the first episode of each of `num_episodes` parallel envs under `act`.
+    """Return of one episode per reset key (all played side by side) under `act`.
 
-    `act(key, obs[N, ...], action_mask[N, A] | None) -> actions[N]`. Episodes still running
+    `act(key, obs[N, ...], action_mask[N, A] | None) -> actions[N]`. Passing the same
+    `reset_keys` to two policies makes them face the same episodes. Episodes still running
     after `max_steps` are cut there (choose it >= the env's time limit).
     """
-    reset_key, run_key = jax.random.split(key)
-    obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(
-        jax.random.split(reset_key, num_episodes), env_params)
+    num_episodes = reset_keys.shape[0]
+    obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(reset_keys, env_params)
     mask_fn = getattr(env, "action_mask", None)
 
     def step(carry, key):
@@ -343,7 +347,7 @@ def evaluate(env, env_params, act: Callable, key: jax.Array, *, num_episodes: in
         return (obs, env_state, total, running), None
 
     init = (obs, env_state, jnp.zeros(num_episodes), jnp.ones(num_episodes, bool))
-    (_, _, total, _), _ = jax.lax.scan(step, init, jax.random.split(run_key, max_steps))
+    (_, _, total, _), _ = jax.lax.scan(step, init, jax.random.split(key, max_steps))
     return total
 
 

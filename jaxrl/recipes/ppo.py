@@ -1,0 +1,187 @@
+"""Train a PPO agent on a gymnax-style env (Prospector, CartPole-v1, ...) and compare it to baselines.
+
+`loop.steps` counts PPO updates; each consumes `ppo.num_envs * ppo.rollout_steps` env steps.
+Evaluation plays `eval.episodes` seeded episodes; on Prospector the three baseline bots play
+the very same episodes (same belts, same random draws), and the run ends with a table of
+PPO against them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Literal
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxrl import envs
+from jaxrl.algorithms.ppo import PPO, PPOConfig, evaluate
+from jaxrl.core.config import ConfigError, RecipeConfig
+from jaxrl.core.loop import train
+from jaxrl.models.policy import ACTIVATIONS, ActorCritic
+
+
+@dataclasses.dataclass
+class EnvConfig:
+    name: str = "prospector"  # "prospector" or a gymnax name such as "CartPole-v1"
+    env_impl: Literal["jax", "native", "auto"] = "auto"  # Prospector only: which core steps it
+
+    def validate(self):
+        if self.name not in envs.registered_envs():
+            raise ConfigError(f"env.name {self.name!r} unknown; choose one of "
+                              f"{', '.join(envs.registered_envs())}.")
+
+
+@dataclasses.dataclass
+class PolicyConfig:
+    hidden: list[int] = dataclasses.field(default_factory=lambda: [64, 64])
+    activation: str = "tanh"
+
+    def validate(self):
+        if not self.hidden or min(self.hidden) < 1:
+            raise ConfigError(f"policy.hidden must list positive widths, got {self.hidden}.")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"policy.activation {self.activation!r} unknown; choose one of "
+                              f"{', '.join(ACTIVATIONS)}.")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    episodes: int = 256
+    seed: int = 1000  # episode i resets from split(PRNGKey(seed), episodes)[i], for every policy
+    greedy: bool = False  # False: sample from the policy (as trained); True: argmax action
+    baselines: bool = True  # Prospector: also play the three bots on the same episodes
+
+    def validate(self):
+        if self.episodes < 1:
+            raise ConfigError(f"eval.episodes must be >= 1, got {self.episodes}.")
+
+
+@dataclasses.dataclass
+class Config(RecipeConfig):
+    env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
+    policy: PolicyConfig = dataclasses.field(default_factory=PolicyConfig)
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+def make_env(cfg: EnvConfig):
+    if cfg.name.lower() == "prospector":
+        return envs.make(cfg.name, env_impl=cfg.env_impl)
+    return envs.make(cfg.name)
+
+
+def time_limit(env_params) -> int:
+    for name in ("max_steps", "max_steps_in_episode"):
+        if hasattr(env_params, name):
+            return int(getattr(env_params, name))
+    raise ValueError("env params have no time limit (max_steps / max_steps_in_episode); "
+                     "evaluation needs one to know how long to play")
+
+
+def make_ppo(cfg: Config) -> PPO:
+    env, env_params = make_env(cfg.env)
+    obs_dim = int(np.prod(env.observation_shape))
+
+    def make_model(key):
+        return ActorCritic(obs_dim, env.num_actions, hidden=tuple(cfg.policy.hidden),
+                           activation=cfg.policy.activation, rngs=nnx.Rngs(key))
+
+    return PPO(env, env_params, make_model, cfg.ppo, num_updates=cfg.loop.steps)
+
+
+def make_evaluator(ppo: PPO, cfg: EvalConfig):
+    """Jitted `params -> returns[episodes]` on the fixed evaluation episodes."""
+    reset_keys = jax.random.split(jax.random.PRNGKey(cfg.seed), cfg.episodes)
+    max_steps = time_limit(ppo.env_params)
+
+    @jax.jit
+    def returns(params):
+        act = lambda k, obs, mask: ppo.act(params, k, obs, mask, greedy=cfg.greedy)  # noqa: E731
+        return evaluate(ppo.env, ppo.env_params, act, reset_keys,
+                        jax.random.PRNGKey(cfg.seed + 1), max_steps=max_steps)
+
+    return lambda params: np.asarray(returns(params))
+
+
+def baseline_returns(ppo: PPO, cfg: EvalConfig) -> dict[str, np.ndarray]:
+    """The Prospector bots on the evaluation episodes (their own seeded evaluator)."""
+    from jaxrl.envs.prospector.bots import BOTS, random_policy
+    from jaxrl.envs.prospector.evaluate import evaluate_policy
+
+    policies = {**BOTS, "random": random_policy}
+    return {name: evaluate_policy(bot, ppo.env, ppo.env_params, cfg.episodes, cfg.seed)
+            for name, bot in policies.items()}
+
+
+def run(cfg: Config) -> dict:
+    ppo = make_ppo(cfg)
+    key = jax.random.PRNGKey(cfg.run.seed)
+    init_key, train_key = jax.random.split(key)
+    state = jax.jit(ppo.init)(init_key)
+    update = jax.jit(lambda state, batch, key: ppo.update(state, key), donate_argnums=0)
+    policy_returns = make_evaluator(ppo, cfg.eval)
+
+    def eval_fn(state, step):
+        returns = policy_returns(state.params)
+        return {"eval_return_mean": float(returns.mean()),
+                "eval_return_median": float(np.median(returns))}
+
+    impl = getattr(ppo.env, "impl", "jax")
+    print(f"[ppo] env {cfg.env.name} ({impl} core), {cfg.loop.steps} updates x "
+          f"{ppo.env_steps_per_update} env steps", flush=True)
+    start = time.perf_counter()
+    result = train(cfg, state=state, step_fn=update, key=train_key, eval_fn=eval_fn)
+    seconds = time.perf_counter() - start
+
+    table = {"ppo": policy_returns(result.state.params)}
+    if cfg.eval.baselines and cfg.env.name.lower() == "prospector":
+        table.update(baseline_returns(ppo, cfg.eval))
+    env_steps = result.step * ppo.env_steps_per_update
+    summary = {
+        "env": cfg.env.name,
+        "env_impl": impl,
+        "updates": result.step,
+        "env_steps": env_steps,
+        "train_seconds": round(seconds, 1),  # incl. compile and evaluations
+        "eval_policy": "greedy" if cfg.eval.greedy else "sampled",
+        "eval_episodes": cfg.eval.episodes,
+        "returns": {name: _stats(r) for name, r in table.items()},
+    }
+    if len(table) > 1:
+        best_bot = max((n for n in table if n not in ("ppo", "random")),
+                       key=lambda n: table[n].mean())
+        summary["ppo_minus_best_bot"] = round(float(table["ppo"].mean() - table[best_bot].mean()), 2)
+        summary["ppo_beats_all_bots"] = all(
+            table["ppo"].mean() > r.mean() for n, r in table.items() if n != "ppo")
+    if jax.process_index() == 0:
+        print(format_table(summary), flush=True)
+    return summary
+
+
+def _stats(returns: np.ndarray) -> dict[str, float]:
+    return {"mean": round(float(np.mean(returns)), 2), "median": round(float(np.median(returns)), 2),
+            "std": round(float(np.std(returns)), 2), "min": round(float(np.min(returns)), 2),
+            "max": round(float(np.max(returns)), 2)}
+
+
+def format_table(summary: dict) -> str:
+    rows = summary["returns"]
+    lines = [
+        "",
+        f"{summary['env']} ({summary['env_impl']} core): {summary['updates']} PPO updates, "
+        f"{summary['env_steps']:,} env steps in {summary['train_seconds']} s",
+        f"returns over the same {summary['eval_episodes']} seeded episodes "
+        f"(PPO actions {summary['eval_policy']}):",
+        f"  {'policy':<18}{'mean':>9}{'median':>9}{'std':>9}{'min':>9}{'max':>9}",
+    ]
+    for name, s in sorted(rows.items(), key=lambda kv: -kv[1]["mean"]):
+        lines.append(f"  {name:<18}" + "".join(f"{s[k]:>9.2f}" for k in
+                                               ("mean", "median", "std", "min", "max")))
+    if "ppo_beats_all_bots" in summary:
+        verdict = "beats" if summary["ppo_beats_all_bots"] else "does NOT beat"
+        lines.append(f"PPO {verdict} every bot (mean vs best bot: "
+                     f"{summary['ppo_minus_best_bot']:+.2f}).")
+    return "\n".join(lines)
