@@ -179,6 +179,6 @@ def test_process_mode_only_on_request_and_says_so(capsys):
 
 
 def test_missing_bwrap_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "bwrap" else f"/usr/bin/{name}")
     with pytest.raises(SandboxUnavailable, match="apt-get install -y bubblewrap"):
         Sandbox("bwrap")

@@ -118,6 +118,11 @@ class Sandbox:
         self.limits = limits
         self._bwrap = shutil.which("bwrap")
         self._prlimit = shutil.which("prlimit")
+        if self._prlimit is None:
+            raise SandboxUnavailable(
+                "`prlimit` (util-linux) is not installed; it applies the CPU/memory/file limits. "
+                "Install it with `sudo apt-get install -y util-linux`."
+            )
         if mode == "bwrap":
             if self._bwrap is None:
                 raise SandboxUnavailable(_BWRAP_INSTALL_HINT)
@@ -172,8 +177,6 @@ class Sandbox:
         return args
 
     def _limit_argv(self, limits: Limits, use_nproc: bool) -> list[str]:
-        if self._prlimit is None:
-            return []
         args = [
             self._prlimit,
             f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}",  # SIGXCPU first, SIGKILL 1 s later
