@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxrl.core.config import MeshConfig
+from jaxrl.core.config import ConfigError, MeshConfig
 from jaxrl.core.mesh import make_mesh, shard_batch, shard_state
 from jaxrl.models.gpt2 import GPT2, GPT2Config, KVCache, from_pretrained, save_pretrained
 
@@ -136,9 +136,9 @@ def test_presets_have_gpt2_parameter_counts():
     # OpenAI's counts (tied embeddings) plus our one pad row of n_embd.
     assert count("124M") == 124_439_808 + 768
     assert count("350M") == 354_823_168 + 1024
-    with pytest.raises(ValueError, match="choose one of"):
+    with pytest.raises(ConfigError, match="choose one of"):
         GPT2Config.preset("7B")
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ConfigError, match="divisible"):
         GPT2Config(n_embd=100, n_head=3)
 
 
@@ -171,6 +171,11 @@ def test_remat_bf16_and_dropout(hf_dir):
     np.testing.assert_array_equal(a, dropout(tokens, mask, deterministic=False, rngs=key))
     assert not np.allclose(a, dropout(tokens, mask, deterministic=False, rngs=jax.random.key(1)))
     np.testing.assert_allclose(dropout(tokens, mask), f32, atol=1e-6)
+    # Remat recomputes the same dropout masks in the backward pass.
+    remat_dropout = from_pretrained(hf_dir, dropout=0.5, remat=True)
+    np.testing.assert_allclose(remat_dropout(tokens, mask, deterministic=False, rngs=key), a, atol=1e-6)
+    with pytest.raises(ValueError, match="rngs"):
+        dropout(tokens, mask, deterministic=False)
 
 
 def test_sharded_forward_matches_single_device(model):

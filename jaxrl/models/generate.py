@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrl.models.gpt2 import KVCache
+from jaxrl.models.gpt2 import PAD_ID, KVCache
 
 EOT_ID = 50256
-PAD_ID = 50257
 
 
 @flax.struct.dataclass

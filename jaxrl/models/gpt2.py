@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrl.core.config import ConfigError
+
 GPT2_VOCAB_SIZE = 50257  # HF / OpenAI vocabulary; <|endoftext|> = 50256
 PAD_ID = 50257  # our extra row; never produced by the tokenizer's BPE
 
@@ -56,7 +58,7 @@ class GPT2Config:
     @classmethod
     def preset(cls, name: str, **overrides) -> GPT2Config:
         if name not in _PRESETS:
-            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(_PRESETS)}.")
+            raise ConfigError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(_PRESETS)}.")
         return cls(**{**_PRESETS[name], **overrides})
 
     def __post_init__(self):
@@ -64,14 +66,14 @@ class GPT2Config:
 
     def validate(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
+            raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in _DTYPES:
-                raise ValueError(f"{field}={getattr(self, field)!r}; choose one of {sorted(_DTYPES)}.")
+                raise ConfigError(f"{field}={getattr(self, field)!r}; choose one of {sorted(_DTYPES)}.")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
         if not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(f"pad_id={self.pad_id} must index the embedding (vocab_size={self.vocab_size}).")
+            raise ConfigError(f"pad_id={self.pad_id} must index the embedding (vocab_size={self.vocab_size}).")
 
     @property
     def head_dim(self) -> int:
@@ -190,7 +192,9 @@ class Block(nnx.Module):
         self.ln_2 = _layer_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, attend, *, deterministic, rngs, cached=None):
+    def __call__(self, x, attend, *, deterministic, dropout_key, cached=None):
+        # Each dropout layer draws its own key from the stream (one shared key = same masks).
+        rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
         h = self.attn(self.ln_1(x), attend, deterministic=deterministic, rngs=rngs, cached=cached)
         if cached is not None:
             h, cached = h
@@ -260,20 +264,27 @@ class GPT2(nnx.Module):
         # [B, T, S]: causal in slot order, and only real keys.
         attend = (key_slot[None, :] <= query_slot[:, None])[None] & key_real[:, None, :]
 
+        if isinstance(rngs, jax.Array):
+            rngs = nnx.Rngs(dropout=rngs)
+        use_dropout = not deterministic and cfg.dropout > 0
+        if use_dropout and rngs is None:
+            raise ValueError("dropout is on (deterministic=False) but no `rngs` were given.")
+
         x = self.wte(tokens) + self.wpe(positions)
         x = self.drop(x, deterministic=deterministic, rngs=rngs)
 
         new_keys, new_values = [], []
         for layer, block in enumerate(self.h):
+            dropout_key = rngs.dropout() if use_dropout else None
             if cache is not None:
                 cached = (cache.keys[layer], cache.values[layer], cache.index)
-                x, (k, v) = block(x, attend, deterministic=deterministic, rngs=rngs, cached=cached)
+                x, (k, v) = block(x, attend, deterministic=deterministic, dropout_key=dropout_key, cached=cached)
                 new_keys.append(k)
                 new_values.append(v)
             elif cfg.remat:
-                x = nnx.remat(_run_block, static_argnums=(3,))(block, x, attend, deterministic, rngs)
+                x = nnx.remat(_run_block, static_argnums=(3,))(block, x, attend, deterministic, dropout_key)
             else:
-                x = block(x, attend, deterministic=deterministic, rngs=rngs)
+                x = block(x, attend, deterministic=deterministic, dropout_key=dropout_key)
 
         x = self.ln_f(x)
         logits = self.wte.attend(x).astype(jnp.float32)
@@ -282,8 +293,8 @@ class GPT2(nnx.Module):
         return logits, KVCache(tuple(new_keys), tuple(new_values), key_real, cache.index + T)
 
 
-def _run_block(block, x, attend, deterministic, rngs):
-    return block(x, attend, deterministic=deterministic, rngs=rngs)
+def _run_block(block, x, attend, deterministic, dropout_key):
+    return block(x, attend, deterministic=deterministic, dropout_key=dropout_key)
 
 
 # ---------------------------------------------------------------------------------------------
