@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
-import os
 import pkgutil
 import sys
 from pathlib import Path
@@ -65,19 +64,17 @@ def init_distributed(cfg) -> None:
     dist = cfg.distributed
     if dist.local_device_count:
         jax.config.update("jax_num_cpu_devices", dist.local_device_count)
+    timeouts = dict(heartbeat_timeout_seconds=dist.heartbeat_timeout_s,
+                    initialization_timeout=dist.init_timeout_s)
     if dist.coordinator:
         jax.distributed.initialize(
             coordinator_address=dist.coordinator,
             num_processes=dist.num_processes,
             process_id=None if dist.process_id < 0 else dist.process_id,
+            **timeouts,
         )
-    elif _on_multihost_tpu():
-        jax.distributed.initialize()  # coordinator and ids come from the TPU metadata
-
-
-def _on_multihost_tpu() -> bool:
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return "," in hosts
+    elif dist.auto:
+        jax.distributed.initialize(**timeouts)  # coordinator and ids from the cluster metadata
 
 
 def usage() -> str:

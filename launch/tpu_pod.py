@@ -3,8 +3,8 @@
 
 Ships this repository to each worker, then starts
 `python -m jaxrl.launch CONFIG [overrides]` on all of them at once
-(`gcloud compute tpus tpu-vm ssh --worker=all`). No coordinator settings are passed:
-on a TPU pod `jax.distributed.initialize()` finds its peers from the TPU metadata.
+(`gcloud compute tpus tpu-vm ssh --worker=all`) with `distributed.auto=true`, so each
+worker's `jax.distributed.initialize()` finds its peers from the TPU metadata.
 Each worker's output goes to LOG_DIR/<worker id>.log on this machine.
 
   python launch/tpu_pod.py --tpu my-pod --zone us-central2-b configs/gpt2_sft.yaml loop.steps=1000
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     log_dir = args.log_dir or f"logs/{args.tpu}"
-    job = launch_command(".venv/bin/python", args.config, args.overrides, parse_env(args.env))
+    job = launch_command(".venv/bin/python", args.config, ["distributed.auto=true", *args.overrides],
+                         parse_env(args.env))
     commands = sync_commands(args) + [
         ["mkdir", "-p", log_dir],
         on_all_workers(args, f"cd {shlex.quote(remote_path(args.remote_dir))} && {job}",

@@ -70,7 +70,7 @@ def test_tpu_pod_dry_run_ships_repo_then_runs_config_on_every_worker(worker_home
                        "--project", "my-proj", "--env", "WANDB_MODE=online",
                        "configs/gpt2 sft.yaml", "loop.steps=1000", "run.dir=/tmp/my run")
     job = ("cd jaxrl && env WANDB_MODE=online .venv/bin/python -m jaxrl.launch "
-           "'configs/gpt2 sft.yaml' loop.steps=1000 'run.dir=/tmp/my run'")
+           "'configs/gpt2 sft.yaml' distributed.auto=true loop.steps=1000 'run.dir=/tmp/my run'")
     assert commands == [
         ["git", "-C", str(REPO), "archive", "--format=tar.gz",
          "--output=/tmp/jaxrl-src.tar.gz", "HEAD"],
@@ -82,7 +82,8 @@ def test_tpu_pod_dry_run_ships_repo_then_runs_config_on_every_worker(worker_home
          "--output-directory=logs/my-pod"],
     ]
     assert in_shell(job, worker_home) == {
-        "argv": ["configs/gpt2 sft.yaml", "loop.steps=1000", "run.dir=/tmp/my run"],
+        "argv": ["configs/gpt2 sft.yaml", "distributed.auto=true", "loop.steps=1000",
+                 "run.dir=/tmp/my run"],
         "wandb": "online"}
 
 
@@ -93,7 +94,8 @@ def test_tpu_pod_git_sync_and_home_relative_dir():
     assert commands == [
         [*ssh, "git -C src/jaxrl pull --ff-only"],
         ["mkdir", "-p", "out"],
-        [*ssh, "cd src/jaxrl && .venv/bin/python -m jaxrl.launch configs/x.yaml",
+        [*ssh, "cd src/jaxrl && .venv/bin/python -m jaxrl.launch configs/x.yaml "
+               "distributed.auto=true",
          "--output-directory=out"],
     ]
 

@@ -80,7 +80,10 @@ class DistributedConfig:
     coordinator: str = ""  # "host:port" of process 0; enables jax.distributed
     num_processes: int = 1
     process_id: int = -1  # -1: read from the cluster environment
+    auto: bool = False  # jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM)
     local_device_count: int = 0  # >0: fake this many CPU devices per process (tests, laptops)
+    heartbeat_timeout_s: int = 100  # a peer silent this long ends the job with an error
+    init_timeout_s: int = 300
 
     def validate(self):
         if self.num_processes < 1:

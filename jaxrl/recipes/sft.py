@@ -20,8 +20,8 @@ from flax import nnx
 from jaxrl.algorithms.optimizer import OptimizerConfig, make_optimizer
 from jaxrl.core.config import ConfigError, RecipeConfig
 from jaxrl.core.loop import train
-from jaxrl.core.mesh import (batch_sharding, make_mesh, replicated, shard_batch, shard_state,
-                             state_shardings)
+from jaxrl.core.mesh import (batch_sharding, make_mesh, replicate, replicated, shard_batch,
+                             shard_state, state_shardings)
 from jaxrl.core.train_state import TrainState
 from jaxrl.data.lm import LMDataConfig, load_lm_data
 from jaxrl.data.tokenizer import Tokenizer
@@ -99,7 +99,8 @@ def run(cfg: Config) -> dict:
     batch_shardings = {k: tokens for k in ("tokens", "targets", "loss_mask", "attention_mask")}
     step_fn = jax.jit(train_step, in_shardings=(shardings, batch_shardings, replicated(mesh)),
                       out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
-    evaluate = jax.jit(eval_step, in_shardings=(shardings, batch_shardings))
+    evaluate = jax.jit(eval_step, in_shardings=(shardings, batch_shardings),
+                       out_shardings=replicated(mesh))
     run_dir = Path(cfg.run.dir)
 
     def eval_fn(state, step):
@@ -108,7 +109,8 @@ def run(cfg: Config) -> dict:
             loss_sum, n = jax.device_get(evaluate(state, shard_batch(batch, mesh)))
             total, count = total + float(loss_sum), count + float(n)
         val_loss = total / max(count, 1.0)
-        texts = sample(state, tokenizer, cfg.samples, jax.random.key(cfg.run.seed + step))
+        texts = sample(replicate(state, mesh), tokenizer, cfg.samples,
+                       jax.random.key(cfg.run.seed + step))
         if jax.process_index() == 0:
             with (run_dir / "samples.jsonl").open("a") as f:
                 f.write(json.dumps({"step": step, "samples": texts}) + "\n")
@@ -120,8 +122,9 @@ def run(cfg: Config) -> dict:
     result = train(cfg, state=state, step_fn=step_fn, key=jax.random.key(cfg.run.seed),
                    batches=data.train_iterator(), eval_fn=eval_fn, mesh=mesh,
                    tokens_per_step=cfg.data.batch_size * cfg.data.seq_len)
+    final = replicate(result.state, mesh)  # collective: every process takes part
     if jax.process_index() == 0:
-        gpt2.save_pretrained(result.state.model(), run_dir / "hf")
+        gpt2.save_pretrained(final.model(), run_dir / "hf")
     summary = {
         "steps": result.step,
         "train_loss": result.last_metrics.get("loss"),
