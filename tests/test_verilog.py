@@ -110,3 +110,14 @@ def test_extract_and_patch_helpers():
     original = "a\nb\nc\n"
     assert apply_hunks(original, "@@ -1,3 +1,3 @@\n a\n-b\n+B\n c") == "a\nB\nc\n"
     assert apply_hunks("", "@@ -0,0 +1,2 @@\n+x\n+y") == "x\ny\n"
+
+
+def test_pytest_harness_mode_runs_the_problems_own_test_runner(problems):
+    lfsr = problems["cvdp_copilot_lfsr_0001"]
+    grader = VerilogGrader(Sandbox("bwrap"), harness="pytest")
+    good, bad = grader.grade_many(
+        [lfsr, lfsr], [lfsr.reference, lfsr.reference.replace("lfsr_out <= {", "lfsr_out <= ~{")], raw_code=True
+    )
+    grader.close()
+    assert good.passed and good.reward == pytest.approx(1.0), good
+    assert bad.syntax_ok and not bad.passed and "pytest cases" in bad.reason

@@ -31,6 +31,9 @@ def main():
         report("syntax", ok=False, log=(compile_.stderr or compile_.stdout)[-2000:])
         return
     report("syntax", ok=True)
+    if job.get("harness") == "pytest":
+        run_harness_pytest(job, build_dir, report)
+        return
 
     from cocotb_tools.runner import get_results, get_runner
 
@@ -63,6 +66,29 @@ def main():
     tests, failed = get_results(results_xml)
     log = (build_dir / "sim.log").read_text()[-1500:] if failed and (build_dir / "sim.log").exists() else ""
     report("tests", tests=tests, failed=failed, log=log)
+
+
+def run_harness_pytest(job, build_dir, report):
+    """CVDP's own entry point: pytest on the harness's test_runner.py; one test per pytest case."""
+    import xml.etree.ElementTree as ET
+
+    junit = build_dir / "pytest.xml"
+    run_dir = Path(job["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+         str(Path(job["test_dir"]) / "test_runner.py")],
+        cwd=run_dir, env={**env, **job.get("env", {})}, capture_output=True, text=True,
+    )
+    if not junit.exists():
+        report("tests", tests=0, failed=0, log=(proc.stdout + proc.stderr)[-1500:])
+        return
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    tests = int(suite.get("tests", 0)) - int(suite.get("skipped", 0))
+    failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+    report("tests", tests=tests, failed=failed, log=proc.stdout[-1500:] if failed else "")
 
 
 if __name__ == "__main__":

@@ -223,7 +223,13 @@ def extract_verilog(answer: str) -> str | None:
 
 
 class VerilogGrader:
-    """Grades answers to RTL problems: scratch dir, sandboxed Icarus + cocotb, shaped reward."""
+    """Grades answers to RTL problems: scratch dir, sandboxed Icarus + cocotb, shaped reward.
+
+    harness="runner" (default) calls `cocotb_tools.runner` with the `.env` settings: the tests
+    stage is the fraction of cocotb tests passed, a fine-grained RL reward. harness="pytest" runs
+    the problem's own `src/test_runner.py` under pytest as CVDP does (parameter sweeps, custom
+    build args included); its tests stage counts pytest cases. It needs a test_runner.py.
+    """
 
     def __init__(
         self,
@@ -232,10 +238,14 @@ class VerilogGrader:
         weights: RewardWeights = RewardWeights(),
         workers: int | None = None,
         cache: bool = True,
+        harness: str = "runner",
     ):
+        if harness not in ("runner", "pytest"):
+            raise ValueError(f"harness must be 'runner' or 'pytest', got {harness!r}")
         self.sandbox = sandbox or Sandbox("bwrap")
         self.limits = limits
         self.weights = weights
+        self.harness = harness
         self.cache = ResultCache() if cache else None
         self._pool = ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="rtl")
 
@@ -246,7 +256,9 @@ class VerilogGrader:
             return RTLResult(problem.id, 0.0, False, False, 0, 0, "format: no code block found")
         if not problem.gradable:
             return RTLResult(problem.id, 0.0, True, False, 0, 0, problem.ungradable_reason)
-        key = ResultCache.key(problem.id, code, json.dumps(problem.harness, sort_keys=True))
+        if self.harness == "pytest" and "src/test_runner.py" not in problem.harness:
+            return RTLResult(problem.id, 0.0, True, False, 0, 0, "not gradable: harness has no src/test_runner.py")
+        key = ResultCache.key(problem.id, self.harness, code, json.dumps(problem.harness, sort_keys=True))
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return dataclasses.replace(hit, cached=True)
         result = self._run(problem, code)
@@ -278,7 +290,7 @@ class VerilogGrader:
                 _write(code_dir / rel, text)
             for rel, text in problem.harness.items():
                 if rel.startswith("src/"):
-                    _write(root / rel, text)
+                    _write(root / rel, remap(text) if self.harness == "pytest" else text)
             env = {k: remap(v) for k, v in problem.env.items()}
             nonce = secrets.token_hex(16)
             job = {
@@ -288,6 +300,8 @@ class VerilogGrader:
                 "module": env["MODULE"],
                 "test_dir": str(src_dir),
                 "build_dir": str(code_dir / "rundir" / "sim_build"),
+                "run_dir": str(code_dir / "rundir"),
+                "harness": self.harness,
                 "env": env,
             }
             os.chmod(root, 0o777)
@@ -316,7 +330,8 @@ class VerilogGrader:
         if n == 0:
             reason = "tests: no cocotb test ran: " + tests.get("log", "")[-500:]
         elif failed:
-            reason = f"tests: {failed}/{n} cocotb tests failed"
+            unit = "pytest cases" if self.harness == "pytest" else "cocotb tests"
+            reason = f"tests: {failed}/{n} {unit} failed"
         else:
             reason = "passed"
         return RTLResult(problem.id, self._reward(True, fraction), True, True, n, failed, reason, run.wall_seconds)

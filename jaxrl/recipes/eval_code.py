@@ -57,6 +57,7 @@ class Config(RecipeConfig):
     data_dir: str = ""  # MBPP/ClassEval/CVDP root; empty: $JAXRL_DATA_DIR or ../shared/data
     mbpp_split: str = "test"
     cvdp_paths: list[str] = dataclasses.field(default_factory=list)  # empty: shared cvdp/ + ours
+    rtl_harness: Literal["runner", "pytest"] = "runner"  # pytest: the problem's own test_runner.py
     limit: int = 0  # first N tasks (0: all)
     sandbox: Literal["bwrap", "process"] = "bwrap"  # process = NOT isolated; only if you must
     timeout_s: float = 10.0  # wall clock per Python sample (RTL: 6x)
@@ -150,7 +151,7 @@ def _run_cvdp(cfg: Config, sandbox: Sandbox, run_dir: Path) -> dict:
     problems = problems[: cfg.limit] if cfg.limit else problems
     wall = 6 * cfg.timeout_s
     grader = VerilogGrader(sandbox, limits=RTL_LIMITS.replace(wall_seconds=wall, cpu_seconds=int(wall)),
-                           workers=cfg.workers or None)
+                           workers=cfg.workers or None, harness=cfg.rtl_harness)
     if cfg.references:
         answers, n, ks = [[p.reference] for p in problems], 1, [1]
         raw = True
