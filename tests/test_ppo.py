@@ -197,3 +197,36 @@ def test_cartpole_solved_by_two_seeds_trained_under_vmap():
     assert np.all(returns.mean(axis=1) >= 475), returns.mean(axis=1)
     # The sampling (training) policy got there too, not only its argmax.
     assert np.all(metrics["episode_return"][-10:].mean(0) >= 400)
+
+
+def test_ppo_evaluator_plays_the_same_episodes_as_the_bot_evaluator():
+    """The recipe scores PPO with `evaluate` and the bots with `evaluate_policy`: on the same
+    seed both must replay identical episodes, or the comparison table would be unfair."""
+    from jaxrl.envs.prospector.bots import BOTS
+    from jaxrl.envs.prospector.evaluate import evaluate_policy
+
+    env, params = envs.make("prospector", env_impl="jax")
+    bot = BOTS["market_timer"]
+    expected = evaluate_policy(bot, env, params, 8, 3)
+    act = lambda k, obs, mask: jax.vmap(bot, (0, 0, None))(  # noqa: E731
+        jax.random.split(k, obs.shape[0]), obs, None)
+    got = evaluate(env, params, act, jax.random.split(jax.random.PRNGKey(3), 8),
+                   jax.random.key(0), max_steps=params.max_steps)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_launch_prospector_recipe_prints_ppo_against_the_bots(tmp_path, capsys):
+    import json
+
+    from jaxrl.launch import main
+
+    rc = main(["configs/ppo_prospector.yaml", f"run.dir={tmp_path}", "loop.steps=2",
+               "loop.progress=false", "ppo.num_envs=8", "ppo.rollout_steps=8",
+               "eval.episodes=8", "env.env_impl=jax"])
+    assert rc == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert set(result["returns"]) == {"ppo", "greedy_miner", "cautious_scanner",
+                                      "market_timer", "random"}
+    assert result["env_steps"] == 2 * 8 * 8 and result["env_impl"] == "jax"
+    assert "market_timer" in capsys.readouterr().out
+    assert (tmp_path / "metrics.jsonl").read_text().count("episode_return") >= 1

@@ -277,9 +277,11 @@ class PPO:
         rollout_key, shuffle_key = jax.random.split(key)
         state, traj = self.rollout(state, rollout_key)
 
+        # V of each step's true successor: the pre-reset observation where an episode ended.
         next_values = self.model(state.params).value(traj.final_obs)
-        advantages, targets = gae(traj.reward * cfg.reward_scale, traj.value, next_values, traj.terminated,
-                                  traj.done, gamma=cfg.gamma, lam=cfg.gae_lambda)
+        advantages, targets = gae(traj.reward * cfg.reward_scale, traj.value, next_values,
+                                  traj.terminated, traj.done, gamma=cfg.gamma,
+                                  lam=cfg.gae_lambda)
 
         flat = lambda x: x.reshape(cfg.batch_size, *x.shape[2:])  # noqa: E731
         samples = jax.tree.map(flat, (traj, advantages, targets))
@@ -289,7 +291,7 @@ class PPO:
         def minibatch_step(carry, minibatch):
             params, opt_state = carry
             grads, metrics = grad_fn(params, *minibatch)
-            metrics["grad_norm"] = optax.global_norm(grads)
+            metrics["grad_norm"] = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), metrics
 
@@ -307,7 +309,7 @@ class PPO:
             episode_length=jnp.mean(state.last_episode_length.astype(jnp.float32)),
             episodes_finished=jnp.sum(traj.done),
             reward_per_step=jnp.mean(traj.reward),
-            value_mean=jnp.mean(traj.value),
+            value_mean=jnp.mean(traj.value),  # in reward_scale units
         )
         state = state.replace(params=params, opt_state=opt_state, update=state.update + 1)
         return state, metrics
