@@ -1,4 +1,4 @@
-"""Train a PPO agent on a gymnax-style env (Prospector, CartPole-v1, ...) and compare it to baselines.
+"""PPO on a gymnax-style env (Prospector, CartPole-v1, ...); on Prospector, ends with PPO vs the bots.
 
 `loop.steps` counts PPO updates; each consumes `ppo.num_envs * ppo.rollout_steps` env steps.
 Evaluation plays `eval.episodes` seeded episodes; on Prospector the three baseline bots play
