@@ -261,7 +261,7 @@ def main():
         },
     }
 
-    print(f"\nmatmul {shapes['matmul']}^2 GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in results["matmul_gflops"].items()))
+    print("\nsquare matmul GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in results["matmul_gflops"].items()))
     print(f"\n{'train ' + shapes['preset'] + ' ' + str(shapes['batch']) + 'x' + str(shapes['seq']):<28}{'tok/s':>10}{'MFU':>8}")
     for name, row in train.items():
         if "error" in row:
