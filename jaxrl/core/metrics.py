@@ -64,6 +64,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+# Curves a reader looks at first; the rest follow alphabetically while panels remain.
+MAIN_CURVES = ("loss", "ppl", "reward", "return", "sentiment", "pass@")
+
+
 def plot_metrics(jsonl: str | Path, png: str | Path, keys: list[str] | None = None, max_panels=8):
     """One panel per numeric metric (or per `keys`), step on the x axis."""
     import matplotlib
@@ -73,8 +77,9 @@ def plot_metrics(jsonl: str | Path, png: str | Path, keys: list[str] | None = No
 
     rows = read_jsonl(jsonl)
     if keys is None:
-        keys = sorted({k for r in rows for k, v in r.items()
-                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        numeric = {k for r in rows for k, v in r.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        keys = sorted(numeric, key=lambda k: (not any(w in k for w in MAIN_CURVES), k))
     keys = keys[:max_panels]
     if not keys:
         return None
