@@ -278,8 +278,12 @@ class RolloutCollector:
 
 
 class CollapseGuard:
-    """Warns (once per crossing) when entropy drops below the floor or KL exceeds the ceiling:
-    the usual signs that the policy is collapsing onto a few reward-hacking strings."""
+    """Warns when entropy drops below the floor or KL exceeds the ceiling: the usual signs that
+    the policy is collapsing onto a few reward-hacking strings. One warning per excursion: a
+    tripped guard re-arms only once the metric is back inside its bound by a 10% margin, so
+    a value hovering at the bound does not warn every step."""
+
+    REARM_MARGIN = 0.1
 
     def __init__(self, cfg: ReinforceConfig, log: Callable[[str], None] = print):
         self.cfg = cfg
@@ -287,16 +291,21 @@ class CollapseGuard:
         self.tripped: set[str] = set()
 
     def check(self, step: int, entropy: float, kl: float) -> list[str]:
-        problems = {}
-        if self.cfg.entropy_floor and entropy < self.cfg.entropy_floor:
-            problems["entropy"] = (f"entropy {entropy:.3f} < floor {self.cfg.entropy_floor} "
-                                   "(the policy is collapsing; raise kl_coef or lower the lr)")
-        if self.cfg.kl_ceiling and kl > self.cfg.kl_ceiling:
-            problems["kl"] = (f"KL to reference {kl:.3f} > ceiling {self.cfg.kl_ceiling} "
-                              "(the policy drifts far from the reference; raise kl_coef)")
-        messages = [f"[jaxrl] warning: step {step}: {msg}" for name, msg in problems.items()
-                    if name not in self.tripped]
-        self.tripped = set(problems)
+        floor, ceiling, margin = self.cfg.entropy_floor, self.cfg.kl_ceiling, self.REARM_MARGIN
+        messages = []
+        if floor and entropy < floor and "entropy" not in self.tripped:
+            self.tripped.add("entropy")
+            messages.append(f"entropy {entropy:.3f} < floor {floor} (the policy is collapsing; "
+                            "raise kl_coef or lower the lr)")
+        elif entropy > floor * (1 + margin):
+            self.tripped.discard("entropy")
+        if ceiling and kl > ceiling and "kl" not in self.tripped:
+            self.tripped.add("kl")
+            messages.append(f"KL to reference {kl:.3f} > ceiling {ceiling} (the policy drifts "
+                            "far from the reference; raise kl_coef)")
+        elif kl < ceiling * (1 - margin):
+            self.tripped.discard("kl")
+        messages = [f"[jaxrl] warning: step {step}: {m}" for m in messages]
         for message in messages:
             self.log(message)
         return messages
