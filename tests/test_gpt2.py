@@ -208,7 +208,17 @@ def test_training_reduces_loss_on_a_batch():
 
     opt_state = tx.init(params)
     losses = []
-    for _ in range(25):
+    for _ in range(40):
         params, opt_state, loss = step(params, opt_state)
         losses.append(float(loss))
     assert losses[0] > np.log(63) - 0.5 and losses[-1] < 0.5 * losses[0]
+
+
+def test_pad_is_never_predicted():
+    cfg = GPT2Config.preset("tiny", vocab_size=64, pad_id=63, n_layer=1, n_embd=16, n_head=2,
+                            n_positions=16)
+    model = GPT2(cfg, rngs=nnx.Rngs(0))
+    logits = model(jax.random.randint(jax.random.key(1), (2, 8), 0, 63))
+    probs = jax.nn.softmax(logits, axis=-1)
+    assert float(probs[..., 63].max()) == 0.0
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)

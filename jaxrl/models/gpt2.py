@@ -288,6 +288,8 @@ class GPT2(nnx.Module):
 
         x = self.ln_f(x)
         logits = self.wte.attend(x).astype(jnp.float32)
+        # Pad is an input-only token: the model never predicts it (finite, so masked losses stay 0).
+        logits = logits.at[..., cfg.pad_id].set(-1e9)
         if cache is None:
             return logits
         return logits, KVCache(tuple(new_keys), tuple(new_values), key_real, cache.index + T)
