@@ -1,7 +1,8 @@
 """The one train loop every recipe uses.
 
-A recipe hands over a pure, jitted `step_fn(state, batch, key) -> (state, metrics)`, the
-initial (already sharded) state and, for supervised work, a host batch iterator. The loop
+A recipe hands over `step_fn(state, batch, key) -> (state, metrics)` (a jitted pure function,
+or a host function that chains jitted pieces, as RL with host-side rewards does), the initial
+(already sharded) state and, for supervised work, a host batch iterator. The loop
 owns everything around it: resume from the newest checkpoint, per-step keys, logging,
 evaluation cadence, checkpoints, SIGTERM (preemption) and the NaN/Inf guard.
 
