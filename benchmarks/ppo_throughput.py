@@ -1,7 +1,8 @@
 """PPO end-to-end throughput (env steps + learning) with a recipe config; JSON out.
 
     python benchmarks/ppo_throughput.py [--config configs/ppo_prospector.yaml] [--updates 20]
-                                        [--env-impl jax native] [--out ppo_throughput.json]
+                                        [--env-impl jax,native] [--out ppo_throughput.json]
+                                        [key.sub=value ...]  (config overrides)
 
 For each env core it times whole jitted PPO updates (rollout + GAE + epochs, after one warm-up
 update that compiles) and, separately, the rollout alone, so the JSON says where time goes:
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--updates", type=int, default=20)
-    parser.add_argument("--env-impl", nargs="+", default=["jax", "native"])
+    parser.add_argument("--env-impl", default="jax,native", help="comma-separated env cores")
     parser.add_argument("--out", default="")
     parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     args = parser.parse_args(argv)
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     from jaxrl.envs.prospector import native
 
     runs = []
-    for impl in args.env_impl:
+    for impl in args.env_impl.split(","):
         if impl == "native" and not native.available():
             runs.append({"env_impl": "native", "skipped": "C++ core not built (pip install -e .)"})
             continue

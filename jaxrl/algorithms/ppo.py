@@ -283,8 +283,10 @@ class PPO:
                                   traj.terminated, traj.done, gamma=cfg.gamma,
                                   lam=cfg.gae_lambda)
 
+        # The loss reads obs, mask, action, log_prob and value; drop the rest before shuffling.
+        batch = traj.replace(reward=None, terminated=None, done=None, final_obs=None)
         flat = lambda x: x.reshape(cfg.batch_size, *x.shape[2:])  # noqa: E731
-        samples = jax.tree.map(flat, (traj, advantages, targets))
+        samples = jax.tree.map(flat, (batch, advantages, targets))
         grad_fn = jax.grad(self.loss, has_aux=True)
         tx = self.tx
 

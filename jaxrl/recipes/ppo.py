@@ -146,6 +146,7 @@ def run(cfg: Config) -> dict:
         "updates": result.step,
         "env_steps": env_steps,
         "train_seconds": round(seconds, 1),  # incl. compile and evaluations
+        "env_steps_per_sec": round(env_steps / seconds),  # same: a floor on the raw rate
         "eval_policy": "greedy" if cfg.eval.greedy else "sampled",
         "eval_episodes": cfg.eval.episodes,
         "returns": {name: _stats(r) for name, r in table.items()},
