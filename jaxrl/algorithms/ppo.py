@@ -12,7 +12,8 @@ PureJaxRL-shaped (rollout `lax.scan` -> GAE -> minibatch epochs, all inside one 
   schedule count, env state, last observation, episode statistics) lives in `PPOState`, so a
   checkpoint taken between updates resumes the exact run.
 
-The env contract: `reset(key, params) -> (obs, state)`,
+Discrete actions only (a categorical policy over `env.num_actions`). The env contract:
+`reset(key, params) -> (obs, state)`,
 `step(key, state, action, params) -> (obs, state, reward, terminated, truncated, info)` with
 auto-reset, plus `num_actions` and `observation_shape`.
 """
