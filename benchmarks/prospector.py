@@ -65,6 +65,8 @@ def env_benchmark(env_counts=(64, 1024, 8192), steps_per_call: int = 0) -> dict:
 
 
 def main():
+    from ppo_throughput import ppo_throughput  # benchmarks/ is on sys.path when run as a script
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envs", type=int, nargs="+", default=[64, 1024, 8192])
     parser.add_argument("--steps", type=int, default=0, help="steps per timed call (0: auto)")
@@ -74,7 +76,8 @@ def main():
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
                     "backend": jax.default_backend(), "jax": jax.__version__},
         "env_steps_per_s": env_benchmark(args.envs, args.steps),
-        # PPO end-to-end steps/s (env + learning) is added by the PPO section of this benchmark.
+        "ppo_default_config": {impl: ppo_throughput(env_impl=impl) for impl in
+                               (["jax", "native"] if native.available() else ["jax"])},
     }
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

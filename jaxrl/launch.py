@@ -1,6 +1,6 @@
 """python -m jaxrl.launch [CONFIG] [key.sub=value ...] [--print-config] [--help]
 
-CONFIG is a YAML path or a name in configs/ (default: quickstart). The YAML's `recipe:` key
+CONFIG is a YAML path or a name in configs/ (default: ppo_prospector, the quickstart). The YAML's `recipe:` key
 picks `jaxrl/recipes/<recipe>.py`, whose `Config` dataclass types every key. Everything is
 checked before any device work: config problems exit with status 2 and say what to change.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from jaxrl.core.config import ConfigError, build, dump, merge, parse_overrides, read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_CONFIG = "quickstart"
+DEFAULT_CONFIG = "ppo_prospector"  # the quickstart: ~1.5 min on 2 CPU cores
 
 
 def recipe_names() -> list[str]:
