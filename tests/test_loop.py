@@ -67,6 +67,7 @@ def test_sigterm_then_rerun_resumes_exactly(tmp_path, corpus):
     assert logged == list(range(1, steps + 1))
     straight_losses = [r["loss"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl")
                        if "loss" in r]
+    assert straight_losses[-1] < 0.7 * straight_losses[0]  # the small SFT run learns
     assert straight_losses == [r["loss"] for r in read_jsonl(metrics) if "loss" in r]
 
 

@@ -61,3 +61,18 @@ def test_sharded_step_matches_single_device(shape, single_device):
     qkv = state.params["h"][0]["attn"]["c_attn"]["kernel"]
     assert qkv[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     assert len(qkv[...].addressable_shards) == 8
+
+
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
+    from jaxrl.core.checkpoint import Checkpointer
+
+    _, _, state = _run(make_mesh(MeshConfig(2, 2, 2)), steps=1)
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, state, meta={"step": 1})
+    template = TrainState.create(GPT2(CFG, rngs=nnx.Rngs(1)), state.tx)
+    other = make_mesh(MeshConfig(data=1, fsdp=8))
+    restored, _, meta = ckpt.restore(shard_state(template, other))
+    assert meta == {"step": 1}
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
+        assert a.sharding.mesh.shape == other.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
