@@ -159,14 +159,18 @@ class Sandbox:
     def _bwrap_argv(self, argv: Sequence[str], limits: Limits, workdir: str | None) -> list[str]:
         args = [self._bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
         args += ["--size", str(limits.tmpfs_bytes), "--tmpfs", "/tmp"]
-        # Hide home directories, then re-expose only what the interpreter itself needs.
-        homes = {str(Path.home()), "/root", "/home"}
-        needed = {sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parent.parent)}
-        for home in sorted(h for h in homes if os.path.isdir(h)):
+        # Hide home directories (and the host's /tmp, replaced above), then re-expose read-only
+        # only what the interpreter and our harness scripts need: a checkout or virtualenv may
+        # live under either.
+        homes = sorted(h for h in {str(Path.home()), "/root", "/home"} if os.path.isdir(h))
+        for home in homes:
             args += ["--tmpfs", home]
-            for path in sorted(needed):
-                if path.startswith(home.rstrip("/") + "/") and os.path.isdir(path):
-                    args += ["--ro-bind", path, path]
+        needed = {sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parent.parent),
+                  str(Path(__file__).resolve().parent)}
+        for path in sorted(needed):
+            hidden = any(path.startswith(root.rstrip("/") + "/") for root in ["/tmp", *homes])
+            if hidden and os.path.isdir(path):
+                args += ["--ro-bind", path, path]
         if workdir is not None:
             args += ["--bind", workdir, workdir, "--chdir", workdir]
         else:
