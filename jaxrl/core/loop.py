@@ -114,7 +114,9 @@ def train(
         clock, clock_step = now, step
         writer.write(step, last)
         if bar is not None:
-            bar.set_postfix({k: f"{v:.4g}" for k, v in list(last.items())[:4]}, refresh=False)
+            shown = sorted(last, key=lambda k: not any(w in k for w in metrics_lib.MAIN_CURVES))
+            shown = shown[:3] + [k for k in ("tokens_per_sec",) if k in last]
+            bar.set_postfix({k: f"{last[k]:.4g}" for k in shown}, refresh=False)
         pending.clear()
 
     with _sigterm_flag() as preempted:
