@@ -127,3 +127,29 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     assert ckpt.latest_step() == 1
     restored, _, meta = ckpt.restore({"w": jnp.zeros((1000,))})
     assert meta == {"step": 1} and float(restored["w"].sum()) == 1000.0
+
+
+def test_sigterm_on_a_checkpoint_step_exits_cleanly(tmp_path):
+    from jaxrl.core.loop import Preempted
+
+    jitted = jax.jit(_toy_step)
+
+    def step_fn(state, batch, key):
+        if int(state["step"]) == 3:  # the signal lands during step 4, a checkpoint step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return jitted(state, batch, key)
+
+    state = {"w": jnp.zeros(4), "step": jnp.int32(0)}
+    with pytest.raises(Preempted, match="saved step 4"):
+        train(_toy_cfg(tmp_path, steps=5, checkpoint_every=2), state=state, step_fn=step_fn,
+              key=jax.random.key(0))
+    assert Checkpointer(tmp_path / "checkpoints").latest_step() == 4
+
+
+def test_rerun_without_checkpoint_logs_each_step_once(tmp_path):
+    state = {"w": jnp.zeros(4), "step": jnp.int32(0)}
+    for _ in range(2):  # a first attempt that wrote metrics but no checkpoint, then a re-run
+        train(_toy_cfg(tmp_path, steps=3), state=state, step_fn=jax.jit(_toy_step),
+              key=jax.random.key(0))
+        (tmp_path / "checkpoints").rename(tmp_path / f"old-{time.time()}")
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]

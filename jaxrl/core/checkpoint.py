@@ -66,12 +66,3 @@ def _abstract(x):
     if isinstance(x, jax.Array):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     return x
-
-
-def restore_state(directory: str | Path, state_template, step: int | None = None):
-    """Load just the train state of a run's checkpoint (e.g. an SFT model for RL)."""
-    ckpt = Checkpointer(directory, async_save=False)
-    try:
-        return ckpt.restore(state_template, step)[0]
-    finally:
-        ckpt.close()

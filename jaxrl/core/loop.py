@@ -77,8 +77,8 @@ def train(
         step = int(meta["step"])
         if data_state and batches is not None and hasattr(batches, "set_state"):
             batches.set_state(data_state)
-        writer.truncate_after(step)
         _log(f"resumed from {ckpt.directory} at step {step}")
+    writer.truncate_after(step)  # also drops rows of a run killed before its first checkpoint
 
     def save(at_step: int):
         if not _all_finite(state):
@@ -141,7 +141,8 @@ def train(
                     save(step)
                 if _any_process(preempted[0], step, loop.log_every):
                     flush()
-                    save(step)
+                    if ckpt.latest_step() != step:
+                        save(step)
                     ckpt.wait()
                     raise Preempted(f"SIGTERM: saved step {step} to {ckpt.directory}; "
                                     "re-run the same command to resume.")
@@ -166,9 +167,12 @@ def train(
 def _all_finite(tree) -> bool:
     leaves = [x for x in jax.tree.leaves(tree)
               if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)]
-    if not leaves:
-        return True
-    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in xs])))(leaves))
+    return bool(_finite(leaves)) if leaves else True
+
+
+@jax.jit
+def _finite(leaves):
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
 def _nonfinite_message(step: int, bad: dict, ckpt: Checkpointer) -> str:

@@ -98,6 +98,14 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(RULES["batch"], *([None] * (ndim - 1))))
 
 
+def check_batch_size(rows: int, mesh: Mesh, key: str):
+    """A global batch is split over data*fsdp devices: say so before JAX does, less clearly."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % shards:
+        raise ConfigError(f"{key}={rows} must be divisible by mesh data*fsdp={shards}; change "
+                          f"{key} or the mesh.")
+
+
 def shard_batch(batch, mesh: Mesh):
     """Host-local numpy batch (this process's rows) -> global arrays split over data*fsdp."""
     return jax.tree.map(

@@ -6,6 +6,7 @@ step appears exactly once however often a run was interrupted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,8 +25,10 @@ class MetricsWriter:
         if self.enabled and wandb_mode != "disabled":
             import wandb
 
+            run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
             self.wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(run_dir),
-                                    name=Path(run_dir).name, config=config, resume="allow")
+                                    name=Path(run_dir).name, id=run_id, config=config,
+                                    resume="allow")
 
     def truncate_after(self, step: int):
         """Drop rows logged after `step` (they belong to work the resumed run will redo)."""

@@ -239,10 +239,6 @@ class LMData:
         return eval_batches(self.val, batch_size=self.config.batch_size, process_index=self.process_index,
                             process_count=self.process_count, max_batches=max_batches)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.train) // self.config.batch_size)
-
 
 def load_lm_data(
     cfg: LMDataConfig,

@@ -43,7 +43,7 @@ class Config(RecipeConfig):
 
 
 def run(cfg: Config) -> dict:
-    run_dir = Path(cfg.run.dir or "runs/eval_prospector")
+    run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     env, params = make("prospector", env_impl=cfg.env_impl, max_steps=cfg.max_steps)
     results = {}

@@ -20,8 +20,10 @@ import numpy as np
 from jaxrl.algorithms.optimizer import OptimizerConfig, make_optimizer
 from jaxrl.algorithms.reinforce import ReinforceConfig, init_state, make_train_step
 from jaxrl.core.config import ConfigError, RecipeConfig
+from jaxrl.core.checkpoint import Checkpointer
 from jaxrl.core.loop import train
-from jaxrl.core.mesh import batch_sharding, make_mesh, shard_state, state_shardings
+from jaxrl.core.mesh import (batch_sharding, check_batch_size, make_mesh, replicate,
+                             shard_state, state_shardings)
 from jaxrl.data.sources import load_prompts, resolve_path
 from jaxrl.data.tokenizer import Tokenizer
 from jaxrl.envs.text import LengthPenaltyConfig, SentimentReward, TextEnv
@@ -76,6 +78,9 @@ def load_policy(init_from: str) -> gpt2.GPT2:
 
 
 def run(cfg: Config) -> dict:
+    if jax.process_count() > 1:
+        raise ConfigError("reinforce runs in one process for now (its rollout collector reads "
+                          "whole batches on the host); use one host with mesh settings instead.")
     tokenizer = Tokenizer.gpt2()
     model = load_policy(cfg.init_from)
     if cfg.prompts.prefix_tokens + cfg.reinforce.max_new_tokens > model.cfg.n_positions:
@@ -96,6 +101,9 @@ def run(cfg: Config) -> dict:
                        max_prompt_tokens=width, seed=cfg.run.seed)
 
     mesh = make_mesh(cfg.mesh)
+    check_batch_size(cfg.reinforce.prompts_per_step * cfg.reinforce.group_size, mesh,
+                     "reinforce.prompts_per_step*group_size")
+    check_batch_size(cfg.prompts.eval_prompts, mesh, "prompts.eval_prompts")
     state = shard_state(init_state(model, make_optimizer(cfg.optimizer)), mesh)
     ref_params = shard_state(jax.tree.map(lambda x: x.copy(), state.params), mesh)  # frozen
     step_fn, collector = make_train_step(
@@ -121,7 +129,9 @@ def run(cfg: Config) -> dict:
                 print(f"  {row['prompt']!r} -> {row['completion'][:160]!r}", flush=True)
         return metrics
 
-    fresh = not any((run_dir / "checkpoints").glob("[0-9]*"))
+    existing = Checkpointer(run_dir / "checkpoints")
+    fresh = existing.latest_step() is None
+    existing.close()
     initial = eval_fn(state, 0) if fresh else {}
     start = time.perf_counter()
     result = train(cfg, state=state, step_fn=step_fn, key=jax.random.key(cfg.run.seed),
@@ -134,7 +144,8 @@ def run(cfg: Config) -> dict:
         **{f"train/{k}": result.last_metrics[k] for k in ("reward", "reward/sentiment", "kl", "entropy")
            if k in result.last_metrics},
     }
+    final = replicate(result.state.replace(opt_state=None), mesh)
     if jax.process_index() == 0:
-        gpt2.save_pretrained(result.state.model(), run_dir / "hf")
+        gpt2.save_pretrained(final.model(), run_dir / "hf")
         print("\n" + "\n".join(f"  {k:<28} {v}" for k, v in summary.items()), flush=True)
     return summary

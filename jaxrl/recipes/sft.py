@@ -20,7 +20,7 @@ from flax import nnx
 from jaxrl.algorithms.optimizer import OptimizerConfig, make_optimizer
 from jaxrl.core.config import ConfigError, RecipeConfig
 from jaxrl.core.loop import train
-from jaxrl.core.mesh import (batch_sharding, make_mesh, replicate, replicated, shard_batch,
+from jaxrl.core.mesh import (batch_sharding, check_batch_size, make_mesh, replicate, replicated, shard_batch,
                              shard_state, state_shardings)
 from jaxrl.core.train_state import TrainState
 from jaxrl.data.lm import LMDataConfig, load_lm_data
@@ -90,6 +90,7 @@ def run(cfg: Config) -> dict:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.n_positions="
                           f"{cfg.model.n_positions}.")
     mesh = make_mesh(cfg.mesh)
+    check_batch_size(cfg.data.batch_size, mesh, "data.batch_size")
     tokenizer = Tokenizer.gpt2()
     data = load_lm_data(cfg.data, tokenizer)
     tx = make_optimizer(cfg.optimizer)
@@ -109,7 +110,7 @@ def run(cfg: Config) -> dict:
             loss_sum, n = jax.device_get(evaluate(state, shard_batch(batch, mesh)))
             total, count = total + float(loss_sum), count + float(n)
         val_loss = total / max(count, 1.0)
-        texts = sample(replicate(state, mesh), tokenizer, cfg.samples,
+        texts = sample(replicate(state.replace(opt_state=None), mesh), tokenizer, cfg.samples,
                        jax.random.key(cfg.run.seed + step))
         if jax.process_index() == 0:
             with (run_dir / "samples.jsonl").open("a") as f:
@@ -122,7 +123,7 @@ def run(cfg: Config) -> dict:
     result = train(cfg, state=state, step_fn=step_fn, key=jax.random.key(cfg.run.seed),
                    batches=data.train_iterator(), eval_fn=eval_fn, mesh=mesh,
                    tokens_per_step=cfg.data.batch_size * cfg.data.seq_len)
-    final = replicate(result.state, mesh)  # collective: every process takes part
+    final = replicate(result.state.replace(opt_state=None), mesh)  # collective: all processes
     if jax.process_index() == 0:
         gpt2.save_pretrained(final.model(), run_dir / "hf")
     summary = {
