@@ -31,6 +31,7 @@ import optax
 from flax import nnx, struct
 
 from jaxrl.core.config import ConfigError
+from jaxrl.envs.rollout import play_episodes
 
 
 @dataclasses.dataclass
@@ -334,26 +335,7 @@ def evaluate(env, env_params, act: Callable, reset_keys: jax.Array, key: jax.Arr
     `reset_keys` to two policies makes them face the same episodes. Episodes still running
     after `max_steps` are cut there (choose it >= the env's time limit).
     """
-    num_episodes = reset_keys.shape[0]
-    obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(reset_keys, env_params)
-    mask_fn = getattr(env, "action_mask", None)
-
-    def step(carry, key):
-        obs, env_state, total, running = carry
-        act_key, env_key = jax.random.split(key)
-        mask = None if mask_fn is None else jax.vmap(mask_fn, in_axes=(0, None))(env_state,
-                                                                                 env_params)
-        action = act(act_key, obs, mask)
-        obs, env_state, reward, terminated, truncated, _ = jax.vmap(
-            env.step, in_axes=(0, 0, 0, None))(
-                jax.random.split(env_key, num_episodes), env_state, action, env_params)
-        total = total + jnp.where(running, reward, 0.0)
-        running = running & ~(terminated | truncated)
-        return (obs, env_state, total, running), None
-
-    init = (obs, env_state, jnp.zeros(num_episodes), jnp.ones(num_episodes, bool))
-    (_, _, total, _), _ = jax.lax.scan(step, init, jax.random.split(key, max_steps))
-    return total
+    return play_episodes(env, env_params, act, reset_keys, jax.random.split(key, max_steps))[0]
 
 
 def _flat(obs: jax.Array, n: int) -> jax.Array:

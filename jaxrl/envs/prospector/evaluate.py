@@ -13,8 +13,9 @@ from functools import partial
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+
+from jaxrl.envs.rollout import play_episodes
 
 Policy = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
@@ -23,28 +24,13 @@ def episode_keys(seed: int, num_episodes: int) -> jax.Array:
     return jax.random.split(jax.random.PRNGKey(seed), num_episodes)
 
 
-@partial(jax.jit, static_argnames=("policy_fn", "env", "num_episodes", "num_steps"))
-def _play(policy_fn, env, env_params, policy_params, reset_keys, num_episodes, num_steps):
-    obs, state = jax.vmap(env.reset, in_axes=(0, None))(reset_keys, env_params)
-    act = jax.vmap(policy_fn, in_axes=(0, 0, None))
-    step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
-
-    def body(carry, key):
-        obs, state, ret, alive, length = carry
-        k_act, k_step = jax.random.split(key)
-        action = act(jax.random.split(k_act, num_episodes), obs, policy_params)
-        obs, state, reward, terminated, truncated, _ = step(
-            jax.random.split(k_step, num_episodes), state, action, env_params)
-        ret = ret + jnp.where(alive, reward, 0.0)
-        length = length + alive
-        alive = alive & ~(terminated | truncated)
-        return (obs, state, ret, alive, length), terminated & alive
-
-    init = (obs, state, jnp.zeros(num_episodes), jnp.ones(num_episodes, bool),
-            jnp.zeros(num_episodes, jnp.int32))
-    keys = jax.random.split(jax.random.fold_in(reset_keys[0], 1), num_steps)
-    (_, _, ret, alive, length), _ = jax.lax.scan(body, init, keys)
-    return ret, alive, length
+@partial(jax.jit, static_argnames=("policy_fn", "env", "num_steps"))
+def _play(policy_fn, env, env_params, policy_params, reset_keys, num_steps):
+    per_obs = jax.vmap(policy_fn, in_axes=(0, 0, None))
+    act = lambda key, obs, mask: per_obs(jax.random.split(key, obs.shape[0]), obs,  # noqa: E731
+                                         policy_params)
+    step_keys = jax.random.split(jax.random.fold_in(reset_keys[0], 1), num_steps)
+    return play_episodes(env, env_params, act, reset_keys, step_keys)
 
 
 def evaluate_policy(policy_fn: Policy, env, params, num_episodes: int, seed: int, *,
@@ -58,7 +44,7 @@ def evaluate_policy(policy_fn: Policy, env, params, num_episodes: int, seed: int
     if num_steps <= 0:
         raise ValueError("evaluate_policy needs env params with max_steps (the time limit)")
     ret, alive, length = _play(policy_fn, env, params, policy_params,
-                               episode_keys(seed, num_episodes), num_episodes, num_steps)
+                               episode_keys(seed, num_episodes), num_steps)
     if bool(alive.any()):
         raise RuntimeError("some episodes did not end within the time limit")
     ret = np.asarray(ret, np.float32)
