@@ -58,9 +58,12 @@ def test_sharded_step_matches_single_device(shape, single_device):
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     # The layout is the one the rules ask for, not replicated by accident.
-    qkv = state.params["h"][0]["attn"]["c_attn"]["kernel"]
-    assert qkv[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    assert len(qkv[...].addressable_shards) == 8
+    qkv = state.params["h"][0]["attn"]["c_attn"]["kernel"][...]
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    _, fsdp, tensor = shape
+    want = (CFG.n_embd // fsdp, 3 * CFG.n_embd // tensor)
+    assert qkv.shape == (CFG.n_embd, 3 * CFG.n_embd)
+    assert [s.data.shape for s in qkv.addressable_shards] == [want] * 8
 
 
 def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
