@@ -35,8 +35,9 @@ def test_build_and_overrides():
     assert cfg.rate == 1.0 and isinstance(cfg.rate, float)
     assert build(Outer, parse_overrides(["rate=3e-4"]), source="cli").rate == 3e-4
     assert cfg.inner == Inner(size=1, kind="b") and cfg.tags == ["p", "q"]
-    assert parse_overrides(["inner.size=3", "name=hello world", "rate=0.5"]) == {
-        "inner": {"size": 3}, "name": "hello world", "rate": 0.5}
+    typed = build(Outer, parse_overrides(["inner.size=3", "name=hello world", "rate=0.5"]),
+                  source="cli")
+    assert (typed.inner.size, typed.name, typed.rate) == (3, "hello world", 0.5)
 
 
 @pytest.mark.parametrize("data, expected", [

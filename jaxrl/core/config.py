@@ -1,9 +1,11 @@
 """Typed configs: YAML files and `a.b=value` overrides into dataclasses, checked before compiling.
 
-A recipe declares `Config(RecipeConfig)` with nested dataclass sections. `load_config` merges
-the YAML file and command-line overrides, then builds the dataclass strictly: an unknown key, a
-wrong type or an invalid value raises `ConfigError` naming the key, the file and the choices.
-Sections may define `validate(self)` for value checks; it runs on every nested section.
+A recipe declares `Config(RecipeConfig)` with nested dataclass sections. Each section starts
+from the recipe's own default instance (its field's `default_factory`, e.g. a model preset),
+then the YAML file's keys, then the command line's `a.b=value` keys, which are typed by their
+field (never read as YAML). The build is strict: an unknown key, a wrong type or an invalid
+value raises `ConfigError` naming the key, the file and the choices. Sections may define
+`validate(self)`; it runs on every section, set or not.
 """
 
 from __future__ import annotations
@@ -110,22 +112,25 @@ class RecipeConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
+class Override(str):
+    """A command-line value: parsed by its field's type, never as YAML (`run.dir=001` stays "001")."""
+
+
 def parse_overrides(items: list[str], source: str = "command line") -> dict[str, Any]:
-    """`["a.b=1", "c=x"]` -> nested dict; values are parsed as YAML scalars."""
+    """`["a.b=1", "c=x"]` -> nested dict of `Override` strings; `build` types them by field."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip().lstrip("-")
         if not sep or not key:
             raise ConfigError(f"{source}: override {item!r} must look like key.sub=value.")
-        value = yaml.safe_load(raw) if raw.strip() else ""
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{source}: override {item!r} conflicts with an earlier one.")
-        node[parts[-1]] = value
+        node[parts[-1]] = Override(raw.strip())
     return out
 
 
@@ -151,13 +156,19 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def build(cls: type, data: dict, *, source: str, prefix: str = "") -> Any:
-    """Build dataclass `cls` from `data`, strictly; then run `validate()` on every section."""
+def build(cls: type, data: dict, *, source: str, prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass `cls` from `data`, strictly, then run `validate()` on it.
+
+    Every field starts from `base` (the default instance a parent section declares, e.g. a
+    recipe's preset) or else the field's own default / `default_factory`; `data` overrides
+    only the keys it names. Nested sections are built the same way whether set or not, so
+    `validate()` runs on every section.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, "
                           f"got {type(data).__name__}.")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = unknown[0]
@@ -165,7 +176,20 @@ def build(cls: type, data: dict, *, source: str, prefix: str = "") -> Any:
         hint = f" Did you mean '{prefix}{guess[0]}'?" if guess else ""
         raise ConfigError(f"{source}: unknown key '{prefix}{key}'.{hint} "
                           f"Valid keys here: {', '.join(sorted(fields))}.")
-    kwargs = {name: _coerce(hints[name], data[name], source, prefix + name) for name in data}
+    kwargs = {}
+    for name, f in fields.items():
+        default = getattr(base, name) if base is not None else _field_default(f)
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            value = data.get(name, {})
+            if value is None and _allows_none(hints[name]):
+                kwargs[name] = None
+                continue
+            kwargs[name] = build(type(default), value, source=source, prefix=f"{prefix}{name}.",
+                                 base=default)
+        elif name in data:
+            kwargs[name] = _coerce(hints[name], data[name], source, prefix + name)
+        elif default is not dataclasses.MISSING:
+            kwargs[name] = default
     section = prefix.rstrip(".") or "config"
     try:
         obj = cls(**kwargs)  # TypeError: a required field is missing
@@ -178,8 +202,67 @@ def build(cls: type, data: dict, *, source: str, prefix: str = "") -> Any:
     return obj
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _allows_none(tp: Any) -> bool:
+    return get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp)
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _from_override(tp: Any, value: Override, source: str, key: str) -> Any:
+    """Type a command-line string by its field: the string is what the user meant, not YAML."""
+    def bad(what: str):
+        return ConfigError(f"{source}: '{key}' must be {what}, got {str(value)!r}.")
+
+    if tp is str or tp is Any:
+        return str(value)
+    if tp is bool:
+        if value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise bad("true or false")
+    if tp is int:
+        try:
+            return int(value)
+        except ValueError:
+            raise bad("int") from None
+    if tp is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise bad("float") from None
+    if get_origin(tp) is Literal:
+        for choice in get_args(tp):
+            if str(choice) == value or (isinstance(choice, bool) and value.lower() in
+                                        (_TRUE if choice else _FALSE)):
+                return choice
+        return _coerce(tp, str(value), source, key)  # the error lists the choices
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        if type(None) in get_args(tp) and value.lower() in ("none", "null", "~", ""):
+            return None
+        errors = []
+        for arg in (a for a in get_args(tp) if a is not type(None)):
+            try:
+                return _from_override(arg, value, source, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    try:  # lists, mappings: YAML flow syntax, `tags=[a, b]`
+        parsed = yaml.safe_load(str(value))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: '{key}': cannot parse {str(value)!r}: {e}") from None
+    return _coerce(tp, parsed, source, key)
+
+
 def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     origin, args = get_origin(tp), get_args(tp)
+    if isinstance(value, Override) and not dataclasses.is_dataclass(tp):
+        return _from_override(tp, value, source, key)
     if dataclasses.is_dataclass(tp):
         return build(tp, value or {}, source=source, prefix=key + ".")
     if origin in (typing.Union, types.UnionType):
