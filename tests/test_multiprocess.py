@@ -1,7 +1,6 @@
 """Two local processes x 4 CPU devices train like one process with 8 devices."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -54,21 +53,25 @@ def test_two_processes_match_one(tmp_path, corpus):
 
 
 def test_killed_peer_ends_the_job(tmp_path, corpus):
+    """SIGKILL one process mid-run: the other must fail within 2 minutes and say why."""
     args = ["sft_gpt2_shakespeare", f"data.path={corpus}", "loop.steps=100000",
             *TINY_SFT_OVERRIDES]
     procs = _start_pair(args, tmp_path / "run", "distributed.heartbeat_timeout_s=5")
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") > 3):
-        assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
-        time.sleep(0.2)
-    procs[1].send_signal(signal.SIGKILL)
-    start = time.time()
     try:
-        out = procs[0].communicate(timeout=120)[0]
-    except subprocess.TimeoutExpired:
-        procs[0].kill()
-        pytest.fail("the surviving process hung after its peer died")
-    assert procs[0].returncode != 0
-    assert time.time() - start < 120
-    assert out  # it said something on the way out
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while not (metrics.exists() and metrics.read_text().count("\n") > 3):
+            assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
+            assert time.time() < deadline, "the two processes logged no steps in 300 s"
+            time.sleep(0.2)
+        procs[1].kill()
+        try:
+            out = procs[0].communicate(timeout=120)[0]
+        except subprocess.TimeoutExpired:
+            pytest.fail("the surviving process still ran 120 s after its peer died")
+        assert procs[0].returncode != 0, out[-3000:]
+        assert "stopped sending heartbeats" in out, out[-3000:]  # names the dead peer
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

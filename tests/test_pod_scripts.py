@@ -14,7 +14,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -166,23 +165,32 @@ def test_gpu_cluster_sbatch_script(worker_home):
 
 def test_gpu_cluster_stops_all_processes_when_one_fails(tmp_path, worker_home):
     """Runs the launcher for real against an `ssh` that runs the command locally: the
-    process with id 1 fails, so process 0 (which would sleep a minute) is stopped."""
+    process with id 1 fails once process 0 is up, so process 0 (which would sleep a
+    minute) must be stopped by the launcher."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "ssh").write_text('#!/bin/bash\nexec bash -c "${@: -1}"\n')
     (bin_dir / "ssh").chmod(0o755)
     (worker_home / "jaxrl" / "jaxrl" / "launch.py").write_text(
-        "import sys, time\nprint('started', sys.argv[-1], flush=True)\n"
-        "sys.exit(3) if sys.argv[-1].endswith('=1') else time.sleep(60)\n")
+        "import signal, sys, time\n"
+        "def stopped(*_):\n    print('stopped by SIGTERM', flush=True)\n    sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stopped)\n"
+        "print('started', sys.argv[-1], flush=True)\n"
+        "if sys.argv[-1].endswith('=1'):\n"
+        f"    while 'started' not in open({str(tmp_path / 'logs' / 'process-0.log')!r}).read():\n"
+        "        time.sleep(0.05)\n"
+        "    sys.exit(3)\n"
+        "time.sleep(60)\n"
+        "print('slept a minute', flush=True)\n")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    start = time.monotonic()
     result = run(GPU_CLUSTER, "--hosts", "gpu0,gpu1", "--log-dir", str(tmp_path / "logs"),
                  "configs/x.yaml", env=env, cwd=worker_home)
-    assert time.monotonic() - start < 30
     assert result.returncode == 3
     assert "process-1.log" in result.stderr
-    assert (tmp_path / "logs" / "process-1.log").read_text().strip() == \
-        "started distributed.process_id=1"
+    logs = tmp_path / "logs"
+    assert (logs / "process-1.log").read_text().strip() == "started distributed.process_id=1"
+    assert (logs / "process-0.log").read_text().splitlines() == [
+        "started distributed.process_id=0", "stopped by SIGTERM"]
 
 
 # --- bad input -----------------------------------------------------------------------
