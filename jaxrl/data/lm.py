@@ -13,12 +13,15 @@ token is a target exactly once and documents may span windows; only the last win
 padded. Without packing each document is cut the same way on its own and right-padded.
 Pad (`Tokenizer.pad_id`) never appears as a target that counts, nor as an attended input.
 
-Why materialize: the corpus is tokenized once into a flat uint16 array and windows are
-views into it, so the Grain pipeline is a `MapDataset` over window indices (shuffle,
-repeat, per-host slice, batch). That makes state restore exact and cheap (the iterator
-state is a step count), and costs ~2 bytes per token of RAM: fine up to a few hundred MB of
-text. Larger corpora want a streaming `IterDataset` (e.g. Grain's ConcatThenSplit packing
-over ArrayRecord shards), which this module does not provide yet.
+Two sources of windows, one pipeline. A text path (file, directory, glob, TFDS name) is
+tokenized once at start into a flat uint16 array and windows are views into it (~2 bytes
+per token of RAM on every host: fine up to a few hundred MB of text). A shard directory
+(`python -m jaxrl.data process`, detected by its `index.json`, given as `path` or
+`val_path`) is read through `shards.ShardWindowSource`: the same windows, read from
+ArrayRecord records on demand, so memory does not grow with the corpus; its `train` split
+trains and its `val` split validates. Either way the Grain pipeline is a `MapDataset` over
+window indices (shuffle, repeat, per-host slice, batch), so state restore is exact and cheap
+(the iterator state is a step count).
 
 Multi-host: the shuffled global order is dealt round-robin over processes, so the union of
 the hosts' batches at a step is the same global batch for any process count.
@@ -36,7 +39,7 @@ import grain
 import numpy as np
 
 from jaxrl.core.config import ConfigError
-from jaxrl.data import sources
+from jaxrl.data import shards, sources
 from jaxrl.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -46,7 +49,7 @@ Batch = dict[str, np.ndarray]
 class LMDataConfig:
     """Where the text is, how it is cut into windows, and how batches are drawn."""
 
-    path: str = "corpora/tinyshakespeare/input.txt"  # file, directory, glob; TFDS: dataset name
+    path: str = "corpora/tinyshakespeare/input.txt"  # file, directory, glob, shard dir; TFDS: dataset name
     val_path: str = ""  # separate validation data; empty: hold out `val_fraction` of `path`
     data_dir: str = ""  # root for relative paths (TFDS: its data_dir); empty: $JAXRL_DATA_DIR or ../shared/data
     format: Literal["auto", "text", "jsonl", "tfds"] = "auto"  # auto: by file suffix
@@ -75,11 +78,19 @@ class LMDataConfig:
         if self.format != "tfds":
             for key in ("path", "val_path"):
                 value = getattr(self, key)
-                if value:
-                    try:
-                        sources.list_files(sources.resolve_path(value, self.data_dir), self.format)
-                    except (FileNotFoundError, sources.DataError) as e:
-                        raise ConfigError(f"data.{key}: {e}") from None
+                if not value:
+                    continue
+                location = sources.resolve_path(value, self.data_dir)
+                try:
+                    if shards.is_shard_dir(location):
+                        shards.read_index(location)
+                        if not self.packing:
+                            raise ConfigError(f"data.{key}={value!r} is a shard directory, whose documents "
+                                              "are packed when written; set data.packing=true.")
+                    else:
+                        sources.list_files(location, self.format)
+                except (FileNotFoundError, sources.DataError) as e:
+                    raise ConfigError(f"data.{key}: {e}") from None
 
 
 class WindowSource:
@@ -220,13 +231,14 @@ def eval_batches(
 
 @dataclasses.dataclass
 class LMData:
-    """Tokenized train/validation windows plus the iterators a recipe needs."""
+    """Train/validation windows (in memory or from shards) plus the iterators a recipe needs."""
 
     config: LMDataConfig
-    train: WindowSource
-    val: WindowSource
+    train: WindowSource | shards.ShardWindowSource
+    val: WindowSource | shards.ShardWindowSource
     process_index: int = 0
     process_count: int = 1
+    tokenizer: Tokenizer | None = None  # the one whose ids the windows hold
 
     def train_iterator(self) -> grain.DatasetIterator:
         """Fresh iterator from the start; checkpoint it with `get_state()` / `set_state()`."""
@@ -247,33 +259,69 @@ def load_lm_data(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> LMData:
-    """Read, split, tokenize and window the corpus in `cfg` (process defaults: from JAX)."""
+    """Read, split, tokenize and window the corpus in `cfg` (process defaults: from JAX).
+
+    `tokenizer` defaults to the shard directory's own (if `path` is one), else GPT-2's; a
+    shard directory written with another tokenizer than the one given is an error.
+    """
     if process_index is None or process_count is None:
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
     _local_batch_size(cfg.batch_size, process_count)
-    tokenizer = tokenizer or Tokenizer.gpt2()
+
+    def location(path: str):
+        return path if cfg.format == "tfds" else sources.resolve_path(path, cfg.data_dir)
+
+    shard_dirs = {key: location(getattr(cfg, key)) for key in ("path", "val_path")
+                  if getattr(cfg, key) and cfg.format != "tfds" and shards.is_shard_dir(location(getattr(cfg, key)))}
+    if tokenizer is None:
+        tokenizer = (Tokenizer.from_spec(shards.read_index(shard_dirs["path"])["tokenizer"]["name"])
+                     if "path" in shard_dirs else Tokenizer.gpt2())
+    for key, directory in shard_dirs.items():
+        _check_tokenizer(shards.read_index(directory)["tokenizer"], tokenizer, f"data.{key}={directory}")
 
     def read(path: str, split: str) -> list[str]:
-        location = path if cfg.format == "tfds" else sources.resolve_path(path, cfg.data_dir)
-        return sources.read_documents(location, format=cfg.format, text_field=cfg.text_field,
+        return sources.read_documents(location(path), format=cfg.format, text_field=cfg.text_field,
                                       separator=cfg.separator, tfds_split=split,
                                       tfds_data_dir=cfg.data_dir)
 
+    def windows(docs: list[str]) -> WindowSource:
+        return WindowSource.from_documents(tokenize_documents(docs, tokenizer), seq_len=cfg.seq_len,
+                                           pad_id=tokenizer.pad_id, packing=cfg.packing)
+
+    def shard_windows(key: str, split: str) -> shards.ShardWindowSource:
+        return shards.ShardWindowSource(shard_dirs[key], split, seq_len=cfg.seq_len, pad_id=tokenizer.pad_id)
+
+    if "path" in shard_dirs:
+        train = shard_windows("path", "train")
+        if not cfg.val_path:
+            val = shard_windows("path", "val")
+        else:
+            val = shard_windows("val_path", "val") if "val_path" in shard_dirs else windows(
+                read(cfg.val_path, cfg.tfds_val_split or cfg.tfds_split))
+        return LMData(cfg, train, val, process_index, process_count, tokenizer)
+
     train_docs = read(cfg.path, cfg.tfds_split)
+    if "val_path" in shard_dirs:
+        return LMData(cfg, windows(train_docs), shard_windows("val_path", "val"), process_index, process_count,
+                      tokenizer)
     if cfg.val_path:
         val_docs = read(cfg.val_path, cfg.tfds_val_split or cfg.tfds_split)
     elif cfg.format == "tfds" and cfg.tfds_val_split:
         val_docs = read(cfg.path, cfg.tfds_val_split)
     else:
         train_docs, val_docs = sources.split_documents(train_docs, cfg.val_fraction)
+    return LMData(cfg, windows(train_docs), windows(val_docs), process_index, process_count, tokenizer)
 
-    def windows(docs: list[str]) -> WindowSource:
-        return WindowSource.from_documents(tokenize_documents(docs, tokenizer), seq_len=cfg.seq_len,
-                                           pad_id=tokenizer.pad_id, packing=cfg.packing)
 
-    return LMData(cfg, windows(train_docs), windows(val_docs), process_index, process_count)
+def _check_tokenizer(written: dict, tokenizer: Tokenizer, where: str) -> None:
+    ours = {"vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "pad_id": tokenizer.pad_id}
+    theirs = {k: written[k] for k in ours}
+    if ours != theirs:
+        raise sources.DataError(f"{where}: its shards hold ids of tokenizer {written['name']!r} {theirs}, "
+                                f"but this run uses {tokenizer.name!r} {ours}. Re-process the corpus with "
+                                "this tokenizer, or run with the shards' one.")
 
 
 def _local_batch_size(batch_size: int, process_count: int) -> int:

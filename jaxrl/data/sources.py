@@ -54,7 +54,7 @@ def list_files(path: str | Path, format: Format = "auto") -> list[Path]:
             raise DataError(f"{path}: directory has no {'/'.join(suffixes)} files. "
                             "Point `path` at a file, or put documents in the directory.")
         return files
-    files = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
+    files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if not files:
         raise FileNotFoundError(
             f"{path}: no such file, directory or glob match. Check `path` (relative paths are "

@@ -8,11 +8,18 @@ Ids: 0..50255 are BPE tokens, `<|endoftext|>` = 50256 ends every document, and `
 50257 is an extra id used only for padding, so `vocab_size` = 50258. Padding is never
 confused with end-of-text: a model trained on packed documents learns to emit EOT, while
 pad positions are masked out of every loss and attention computation.
+
+Trained tokenizers (`jaxrl.data.train_tokenizer`) are byte-level BPEs saved as a Hugging Face
+`tokenizer.json` with the same two special tokens after the BPE ids; `Tokenizer.load(path)`
+runs them on tiktoken too (a BPE's merge order is its id order, so the ids are the same as
+Hugging Face's), so every caller sees one interface. `Tokenizer.from_spec("gpt2" | path)`
+picks one.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable, Sequence
 import importlib.util
 from pathlib import Path
@@ -33,8 +40,9 @@ _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256d
 class Tokenizer:
     """Text <-> token ids. `encode` never produces special ids; the data pipeline appends EOT."""
 
-    def __init__(self, encoding: tiktoken.Encoding, *, eot_id: int, pad_id: int):
+    def __init__(self, encoding: tiktoken.Encoding, *, eot_id: int, pad_id: int, name: str = "gpt2"):
         self._encoding = encoding
+        self.name = name  # "gpt2" or the trained tokenizer's path: what `from_spec` takes back
         self.eot_id = eot_id
         self.pad_id = pad_id
         self.vocab_size = encoding.n_vocab
@@ -43,6 +51,17 @@ class Tokenizer:
     def gpt2(cls) -> Tokenizer:
         """The GPT-2 tokenizer plus `<|pad|>` (cached: loading the merges takes ~0.3 s)."""
         return _gpt2_tokenizer()
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """A trained byte-level BPE: a `tokenizer.json` file or the directory holding it (cached)."""
+        path = Path(path).expanduser()
+        return _trained_tokenizer(str((path / "tokenizer.json" if path.is_dir() else path).resolve()))
+
+    @classmethod
+    def from_spec(cls, spec: str) -> Tokenizer:
+        """"gpt2" -> GPT-2's tokenizer; anything else is the path of a trained one."""
+        return cls.gpt2() if spec == "gpt2" else cls.load(spec)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; a literal "<|endoftext|>" in the text is encoded as plain text."""
@@ -62,10 +81,10 @@ class Tokenizer:
 
     def __reduce__(self):
         # Pickle by name (Grain worker processes, multiprocessing) instead of shipping 50k merges.
-        return (Tokenizer.gpt2, ())
+        return (Tokenizer.from_spec, (self.name,))
 
     def __repr__(self) -> str:
-        return f"Tokenizer(gpt2, vocab_size={self.vocab_size}, eot_id={self.eot_id}, pad_id={self.pad_id})"
+        return f"Tokenizer({self.name}, vocab_size={self.vocab_size}, eot_id={self.eot_id}, pad_id={self.pad_id})"
 
 
 @functools.cache
@@ -98,3 +117,36 @@ def _gpt2_tokenizer() -> Tokenizer:
         explicit_n_vocab=pad_id + 1,
     )
     return Tokenizer(encoding, eot_id=eot_id, pad_id=pad_id)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (printable stand-ins for the 256 bytes) -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [*printable, *range(256, 256 + len(others))]
+    return {chr(c): b for b, c in zip([*printable, *others], chars)}
+
+
+@functools.cache
+def _trained_tokenizer(file: str) -> Tokenizer:
+    try:
+        spec = json.loads(Path(file).read_text())
+        vocab = spec["model"]["vocab"]
+        specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{file}: not a trained tokenizer ({type(e).__name__}: {e}). Train one with "
+                         "`python -m jaxrl.data tokenizer MANIFEST --out DIR`.") from None
+    missing = [t for t in (EOT_TOKEN, PAD_TOKEN) if t not in specials]
+    if spec["model"].get("type") != "BPE" or missing:
+        raise ValueError(f"{file}: expected a byte-level BPE with {EOT_TOKEN} and {PAD_TOKEN} "
+                         f"(missing: {missing or 'none'}; model type {spec['model'].get('type')!r}).")
+    decoder = _byte_decoder()
+    ranks = {bytes(decoder[ch] for ch in token): rank for token, rank in vocab.items()}
+    encoding = tiktoken.Encoding(
+        name=Path(file).parent.name or "trained",
+        pat_str=_GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={EOT_TOKEN: specials[EOT_TOKEN], PAD_TOKEN: specials[PAD_TOKEN]},
+    )
+    name = str(Path(file).parent) if Path(file).name == "tokenizer.json" else file
+    return Tokenizer(encoding, eot_id=specials[EOT_TOKEN], pad_id=specials[PAD_TOKEN], name=name)
