@@ -63,17 +63,22 @@ def test_mesh_must_tile_devices():
         mesh_shape(MeshConfig(data=2, fsdp=2, tensor=1), 8)
 
 
+SFT = ["sft_gpt2_shakespeare", "data.path={corpus}"]  # a later data.path= overrides it
+
+
 @pytest.mark.parametrize("args, expected", [
-    (["sft_gpt2_shakespeare", "loop.stepz=3"], "unknown key 'loop.stepz'. Did you mean 'loop.steps'"),
-    (["sft_gpt2_shakespeare", "data.batch_size=-4"], "data.batch_size must be >= 1"),
-    (["sft_gpt2_shakespeare", "loop.steps=many"], "'loop.steps' must be int"),
-    (["sft_gpt2_shakespeare", "mesh.data=3"], "= 3 but there are 8 devices"),
-    (["sft_gpt2_shakespeare", "data.path=nowhere/missing.txt"], "missing.txt"),
+    ([*SFT, "loop.stepz=3"], "unknown key 'loop.stepz'. Did you mean 'loop.steps'"),
+    ([*SFT, "data.batch_size=-4"], "data.batch_size must be >= 1"),
+    ([*SFT, "loop.steps=many"], "'loop.steps' must be int"),
+    ([*SFT, "mesh.data=3"], "= 3 but there are 8 devices"),
+    ([*SFT, "data.path=nowhere/missing.txt"], "missing.txt"),
     (["configs/does_not_exist.yaml"], "not found"),
-    (["sft_gpt2_shakespeare", "run.wandb=onlin"], "Did you mean 'online'"),
+    ([*SFT, "run.wandb=onlin"], "Did you mean 'online'"),
 ])
-def test_launch_config_errors_exit_2(args, expected, shared_data):
-    out = run_launch(*args)
+def test_launch_config_errors_exit_2(args, expected, corpus, tmp_path):
+    """No case needs the shared data: the data dir is an empty folder."""
+    out = run_launch(*(a.format(corpus=corpus) for a in args),
+                     env={"JAXRL_DATA_DIR": str(tmp_path / "empty")})
     assert out.returncode == 2, out.stderr
     assert expected in out.stderr
     assert "Traceback" not in out.stderr
