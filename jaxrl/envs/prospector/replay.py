@@ -15,7 +15,9 @@ return equals `evaluate_policy`'s for the same seed.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,21 +50,14 @@ def action_name(a: int) -> str:
     return names.get(a, f"out of range ({a})")
 
 
-def _step_record(episode, state, action, reward, terminated, truncated, obs) -> dict[str, Any]:
+def state_frame(state) -> dict[str, Any]:
+    """What a viewer draws: the ship, the sector it is in, and the station prices."""
     ship = np.asarray(state.ship)
     sector = int(ship[S.S_SECTOR])
     ast = np.asarray(state.asteroids)[sector * S.N_ASTEROIDS : (sector + 1) * S.N_ASTEROIDS]
     sec = int(np.asarray(state.sectors)[sector])
     prices = np.asarray(state.market)[: S.N_STATIONS * S.N_ORES].reshape(S.N_STATIONS, S.N_ORES)
     return {
-        "episode": episode,
-        "t": int(ship[S.S_T]),
-        "action": action,
-        "action_name": action_name(action),
-        "valid": not bool(ship[S.S_LAST_INVALID]),
-        "reward": float(reward),
-        "terminated": bool(terminated),
-        "truncated": bool(truncated),
         "ship": {
             "sector": sector,
             "fuel": int(ship[S.S_FUEL]),
@@ -81,6 +76,22 @@ def _step_record(episode, state, action, reward, terminated, truncated, obs) -> 
             "asteroids_known": ((ast & S.AST_KNOWN_BIT) != 0).tolist(),
         },
         "prices": prices.tolist(),
+    }
+
+
+def step_record(episode, state, action, reward, terminated, truncated, obs) -> dict[str, Any]:
+    """One replay line: `state` is the state after `action`, `obs` the one it was chosen from."""
+    ship = np.asarray(state.ship)
+    return {
+        "episode": episode,
+        "t": int(ship[S.S_T]),
+        "action": action,
+        "action_name": action_name(action),
+        "valid": not bool(ship[S.S_LAST_INVALID]),
+        "reward": float(reward),
+        "terminated": bool(terminated),
+        "truncated": bool(truncated),
+        **state_frame(state),
         "obs_summary": {
             "time_left": round(float(obs[0]) * 256),
             "fuel": round(float(obs[1]) * 64),
@@ -92,35 +103,83 @@ def _step_record(episode, state, action, reward, terminated, truncated, obs) -> 
     }
 
 
-def record(path: str | Path, policy_fn, env, params, *, seed: int, episodes: int = 1,
-           policy_params: Any = None, policy_name: str = "") -> Path:
-    """Play `episodes` seeded episodes of `policy_fn(key, obs, params)` and write a replay."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    act = jax.jit(policy_fn)
-    # Step without auto-reset so the recorded state is the one the action produced.
+@functools.lru_cache(maxsize=8)
+def stepper(params):
+    """Jitted (step without auto-reset, observe, action mask) for these env params, compiled once
+    per process: replays record the state the action produced, before any reset."""
     step = jax.jit(lambda s, a: jax_env.step_core(s, a, params.max_steps, params.invalid_penalty,
                                                   params.loss_penalty))
     observe = jax.jit(lambda s: jax_env.observe(s, params.max_steps))
+    return step, observe, jax.jit(jax_env.action_mask)
+
+
+def per_observation(policy_fn, policy_params: Any = None):
+    """A bot-style `policy_fn(key, obs, params) -> action` as a batched `act(key, obs[N], mask[N])`."""
+    per_obs = jax.vmap(policy_fn, in_axes=(0, 0, None))
+    return lambda key, obs, mask: per_obs(jax.random.split(key, obs.shape[0]), obs, policy_params)
+
+
+def make_header(*, seed: int, episodes: int, max_steps: int, policy: str, env_impl: str = "jax") -> dict:
+    return {"format": FORMAT, "env_impl": env_impl, "seed": seed, "episodes": episodes,
+            "max_steps": max_steps, "policy": policy}
+
+
+def record_act(path: str | Path, act, env, params, *, seed: int, episodes: int = 1,
+               policy_name: str = "") -> Path:
+    """Play `episodes` seeded episodes of a batched `act(key, obs[N, D], mask[N, A]) -> int[N]`
+    (the signature of PPO's evaluator) one env at a time, and write a replay."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    act = jax.jit(act)
+    step, observe, mask_of = stepper(params)
     keys = episode_keys(seed, episodes)
     policy_keys = jax.random.split(jax.random.fold_in(keys[0], 2), episodes)
-    header = {"format": FORMAT, "env_impl": getattr(env, "impl", "jax"), "seed": seed,
-              "episodes": episodes, "max_steps": params.max_steps, "policy": policy_name}
-    with path.open("w") as f:
-        f.write(json.dumps(header) + "\n")
+    tmp = path.with_name(path.name + ".tmp")  # a viewer never sees a half-written replay
+    with tmp.open("w") as f:
+        f.write(json.dumps(make_header(seed=seed, episodes=episodes, max_steps=params.max_steps,
+                                  policy=policy_name, env_impl=getattr(env, "impl", "jax"))) + "\n")
         for ep in range(episodes):
             obs, state = env.reset(keys[ep], params)
             key = policy_keys[ep]
             done = False
             while not done:
                 key, k = jax.random.split(key)
-                action = int(act(k, obs, policy_params))
+                action = int(act(k, obs[None], mask_of(state)[None])[0])
                 state, reward, terminated, truncated = step(state, action)
                 done = bool(terminated) or bool(truncated)
-                f.write(json.dumps(_step_record(ep, state, action, reward, terminated,
-                                                truncated, np.asarray(obs))) + "\n")
+                f.write(json.dumps(step_record(ep, state, action, reward, terminated,
+                                               truncated, np.asarray(obs))) + "\n")
                 obs = observe(state)
+    os.replace(tmp, path)
     return path
+
+
+def record(path: str | Path, policy_fn, env, params, *, seed: int, episodes: int = 1,
+           policy_params: Any = None, policy_name: str = "") -> Path:
+    """Play `episodes` seeded episodes of `policy_fn(key, obs, params)` and write a replay."""
+    return record_act(path, per_observation(policy_fn, policy_params), env, params, seed=seed,
+                      episodes=episodes, policy_name=policy_name)
+
+
+def bot_policies() -> dict:
+    """The baseline bots (and random) as batched `act` functions, for `write_policy_replays`."""
+    from jaxrl.envs.prospector import bots
+
+    return {name: per_observation(fn) for name, fn in {**bots.BOTS, "random": bots.random_policy}.items()}
+
+
+def write_policy_replays(run_dir: str | Path, policies: dict, env, params, *, seed: int,
+                         episodes: int = 2) -> list[Path]:
+    """Replays of the same `episodes` seeded episodes for each named policy, written to
+    `<run_dir>/replays/<name>.jsonl`, so a viewer shows an agent and the bots side by side.
+
+    `policies` maps a name to a batched `act(key, obs[N, D], mask[N, A]) -> actions[N]`, e.g.
+    `{"ppo": lambda k, o, m: ppo.act(params, k, o, m, greedy=False), **bot_policies()}`.
+    Episode i starts from `split(PRNGKey(seed), n)[i]`, the same as an evaluator with that seed.
+    """
+    out = Path(run_dir) / "replays"
+    return [record_act(out / f"{name}.jsonl", act, env, params, seed=seed, episodes=episodes,
+                       policy_name=name) for name, act in policies.items()]
 
 
 def read(path: str | Path) -> tuple[dict, list[dict]]:
@@ -129,9 +188,20 @@ def read(path: str | Path) -> tuple[dict, list[dict]]:
     if not lines:
         raise ValueError(f"{path}: empty replay file")
     header = json.loads(lines[0])
-    if header.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} file (header: {lines[0][:80]})")
+    check_header(header, path)
     return header, [json.loads(line) for line in lines[1:]]
+
+
+def check_header(header, path) -> None:
+    """Raise a ValueError a person can act on unless `header` is a FORMAT header."""
+    fmt = header.get("format") if isinstance(header, dict) else None
+    if fmt == FORMAT:
+        return
+    name, _, version = str(fmt).partition("/")
+    if name == FORMAT.split("/")[0] and version.isdigit() and int(version) > int(FORMAT.split("/")[1]):
+        raise ValueError(f"{path}: replay format {fmt} is newer than this jaxrl reads ({FORMAT}); "
+                         "upgrade jaxrl to view it")
+    raise ValueError(f"{path}: not a {FORMAT} file (header: {json.dumps(header)[:80]})")
 
 
 def episode_returns(steps: list[dict]) -> list[float]:
