@@ -85,4 +85,7 @@ def train(manifest: Manifest, out_dir: str | Path, *, vocab_size: int = 0, log=p
              "docs": dict(docs), "chars": dict(used), "seconds": round(time.perf_counter() - start, 1)}
     (out_dir / "tokenizer_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     log(f"[tokenizer] {tokenizer} from {sum(docs.values())} documents, {sum(used.values())} chars")
+    if tokenizer.vocab_size < vocab_size:
+        log(f"[tokenizer] note: the text supports only {tokenizer.vocab_size} of the {vocab_size} ids asked "
+            f"for (no pair occurs min_frequency={cfg.min_frequency} times any more)")
     return tokenizer
