@@ -93,6 +93,13 @@ def test_trained_tokenizer_round_trips_keeps_special_tokens_and_matches_hugging_
     assert len(ids) < len(text.encode()) / 2  # it learned merges
     assert ids == HFTokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")).encode(text).ids
     assert pickle.loads(pickle.dumps(tok)) is Tokenizer.from_spec(str(tmp_path / "tok"))
+    # Shards written with it carry it: the directory alone gives the ids' tokenizer.
+    out = tmp_path / "shards"
+    corpus.process(_manifest(root, tmp_path, tokenizer=str(tmp_path / "tok")), out, log=lambda *_: None)
+    (tmp_path / "tok" / "tokenizer.json").unlink()
+    data = _data(out, process_index=0, process_count=1)
+    assert (data.tokenizer.vocab_size, data.tokenizer.eot_id) == (300, 298)
+    assert docs[0] + EOT_TOKEN in data.tokenizer.decode(np.concatenate([_stream(out, s) for s in ("train", "val")]))
 
 
 # ---------------------------------------------------------------- filters and dedup

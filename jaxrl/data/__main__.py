@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--vocab-size", type=int, default=0, help="tokenizer: overrides train_tokenizer.vocab_size")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from jaxrl.data import corpus, train_tokenizer
     from jaxrl.data.manifest import load_manifest
 

@@ -23,6 +23,7 @@ Restartable: `DIR/plan.json` (which document goes to which shard, and the counts
 written before any shard. A re-run with the same manifest reuses it and skips every shard
 already complete: a shard is written under a temporary name and renamed once closed, after
 its `.json` sidecar. `index.json` is written last; its presence means the directory is done.
+A trained tokenizer is copied in as `tokenizer.json`, so the directory names its own ids.
 Documents are re-read from the sources when their shard is written, so the sources must not
 change between the plan and the last shard.
 """
@@ -36,6 +37,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import time
 import unicodedata
 from pathlib import Path
@@ -341,9 +343,13 @@ def process(manifest: Manifest, out_dir: str | Path, *, log=print) -> dict:
             done[meta["file"].removesuffix(shards.SUFFIX)] = meta
             log(f"[corpus] wrote {meta['file']}: {meta['docs']} docs, {meta['tokens']} tokens")
     metas = [done[s["name"]] for s in plan["shards"]]
+    name = tokenizer.name
+    if name != "gpt2":  # the directory carries its trained tokenizer, so it stays usable when moved
+        shutil.copyfile(Path(name) / "tokenizer.json", out_dir / "tokenizer.json")
+        name = "tokenizer.json"
     index = {
         "format": shards.FORMAT, "version": 1,
-        "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+        "tokenizer": {"name": name, "vocab_size": tokenizer.vocab_size,
                       "eot_id": tokenizer.eot_id, "pad_id": tokenizer.pad_id},
         "dtype": np.dtype(record_dtype).name, "record_tokens": manifest.output.record_tokens,
         "splits": {split: [{k: m[k] for k in ("file", "tokens", "records", "docs")}

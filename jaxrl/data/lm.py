@@ -276,8 +276,7 @@ def load_lm_data(
     shard_dirs = {key: location(getattr(cfg, key)) for key in ("path", "val_path")
                   if getattr(cfg, key) and cfg.format != "tfds" and shards.is_shard_dir(location(getattr(cfg, key)))}
     if tokenizer is None:
-        tokenizer = (Tokenizer.from_spec(shards.read_index(shard_dirs["path"])["tokenizer"]["name"])
-                     if "path" in shard_dirs else Tokenizer.gpt2())
+        tokenizer = shards.tokenizer_of(shard_dirs["path"]) if "path" in shard_dirs else Tokenizer.gpt2()
     for key, directory in shard_dirs.items():
         _check_tokenizer(shards.read_index(directory)["tokenizer"], tokenizer, f"data.{key}={directory}")
 

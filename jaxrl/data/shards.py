@@ -3,7 +3,8 @@
 A shard directory holds, per split (`train`, `val`), ArrayRecord files whose records are
 consecutive pieces of one packed token stream (documents end with `<|endoftext|>`), and an
 `index.json` naming the files in stream order with their token and record counts, the dtype,
-the record length and the tokenizer.
+the record length and the tokenizer (GPT-2's, or a trained one's
+`tokenizer.json` beside the index).
 
 `ShardWindowSource` gives random access to the same windows `lm.WindowSource` cuts from an
 in-memory packed stream (start every `seq_len` tokens, `seq_len + 1` long, the last one
@@ -22,6 +23,7 @@ import numpy as np
 from etils import epath
 
 from jaxrl.data.sources import DataError
+from jaxrl.data.tokenizer import Tokenizer
 
 INDEX = "index.json"
 FORMAT = "jaxrl-lm-shards"
@@ -49,6 +51,12 @@ def read_index(directory) -> dict:
         raise DataError(f"{path}: not a {FORMAT} index (missing keys: {missing or 'none'}, "
                         f"format {index.get('format')!r}).")
     return index
+
+
+def tokenizer_of(directory) -> Tokenizer:
+    """The tokenizer whose ids the shards hold: GPT-2's, or the trained one copied into the directory."""
+    name = read_index(directory)["tokenizer"]["name"]
+    return Tokenizer.gpt2() if name == "gpt2" else Tokenizer.load(epath.Path(directory) / name)
 
 
 class ShardWindowSource:

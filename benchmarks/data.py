@@ -1,0 +1,147 @@
+"""LM data throughput and memory: corpus processing, streaming from shards, and the in-memory path.
+
+  python benchmarks/data.py [--out benchmarks/results/data.json] [--seconds 8]
+
+One corpus for all three: the shared corpora and this Python's standard library, written once
+into a temporary JSONL (one document per row; only text the in-memory reader accepts).
+  process    `python -m jaxrl.data process` over it (normalise, filter, dedup, GPT-2 tokens,
+             ArrayRecord shards): input tokens/s = tokens written / wall seconds
+  streaming  `load_lm_data` on the shard dir, then batches for `--seconds`
+  in_memory  `load_lm_data` on the JSONL (today's path: tokenise everything at start), then
+             batches for `--seconds`
+Each runs in its own process; peak memory is the largest sum of RSS over that process and
+its children (sampled every 50 ms), so pool workers count. Startup is the time to the first
+batch. The machine is shared with other developers' jobs: numbers are one run, not a median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ_LEN, BATCH = 1024, 8
+
+
+def write_corpus(path: Path) -> int:
+    """The shared corpora (one row per file) and the standard library's .py files -> JSONL rows."""
+    from jaxrl.data.sources import default_data_dir
+
+    files = sorted((default_data_dir() / "corpora").rglob("*.txt"))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files += sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
+    rows = 0
+    with path.open("w") as f:
+        for file in files:
+            try:
+                text = file.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue
+            if text.strip():
+                f.write(json.dumps({"text": text}) + "\n")
+                rows += 1
+    return rows
+
+
+def child(part: str, corpus: str, shard_dir: str, seconds: float) -> dict:
+    """One measurement, in this (fresh) process; prints its JSON."""
+    start = time.perf_counter()
+    if part == "process":
+        from jaxrl.data import corpus as corpus_lib
+        from jaxrl.data.manifest import Manifest, SourceConfig
+
+        manifest = Manifest(sources=[SourceConfig(name="bench", path=corpus)])
+        stats = corpus_lib.process(manifest, shard_dir, log=lambda *_: None)
+        seconds_taken = time.perf_counter() - start
+        tokens = sum(stats["tokens"].values())
+        return {"seconds": round(seconds_taken, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds_taken),
+                "docs_in": stats["total"]["read"], "docs_out": stats["total"]["after_mix"],
+                "shards": stats["shards"], "workers": stats["workers"]}
+    from jaxrl.data.lm import LMDataConfig, load_lm_data
+
+    cfg = LMDataConfig(path=shard_dir if part == "streaming" else corpus, seq_len=SEQ_LEN, batch_size=BATCH,
+                       val_fraction=0.01)
+    it = load_lm_data(cfg, process_index=0, process_count=1).train_iterator()
+    next(it)
+    startup = time.perf_counter() - start
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        next(it)
+        n += 1
+    elapsed = time.perf_counter() - t0
+    return {"startup_s": round(startup, 2), "batches": n, "tokens_per_s": round(n * BATCH * SEQ_LEN / elapsed)}
+
+
+def measure(part: str, corpus: Path, shard_dir: Path, seconds: float) -> dict:
+    """Run `child(part)` in a subprocess; add its peak RSS (process tree) in MiB."""
+    proc = subprocess.Popen([sys.executable, __file__, "--child", part, "--corpus", str(corpus),
+                             "--shards", str(shard_dir), "--seconds", str(seconds)],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    out, _ = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"{part} failed (exit {proc.returncode})")
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mib": round(peak / 2**20)}
+
+
+def cpu_info() -> dict:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    return {"model": fields.get("Model name", platform.processor()).strip(), "cores": os.cpu_count(),
+            "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "amx": sorted(f for f in flags if f.startswith("amx"))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "data.json"))
+    parser.add_argument("--seconds", type=float, default=8.0, help="batch-drawing time per input path")
+    parser.add_argument("--child", default="")
+    parser.add_argument("--corpus", default="")
+    parser.add_argument("--shards", default="")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.corpus, args.shards, args.seconds)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus, shard_dir = Path(tmp) / "corpus.jsonl", Path(tmp) / "shards"
+        rows = write_corpus(corpus)
+        results = {part: measure(part, corpus, shard_dir, args.seconds)
+                   for part in ("process", "streaming", "in_memory")}
+        corpus_mib = round(corpus.stat().st_size / 2**20, 1)
+    report = {
+        "benchmark": "benchmarks/data.py",
+        "corpus": {"documents": rows, "mib": corpus_mib, "what": "shared corpora + Python stdlib .py, one JSONL row per file"},
+        "seq_len": SEQ_LEN, "batch_size": BATCH,
+        **results,
+        "cpu": cpu_info(),
+        "python": platform.python_version(),
+        "note": "one run on a 2-core machine shared with other developers' jobs at the same time; "
+                "expect noise of tens of percent",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
