@@ -1,8 +1,10 @@
 """python -m jaxrl.launch [CONFIG] [key.sub=value ...] [--print-config] [--help]
 
-CONFIG is a YAML path or a name in configs/ (default: ppo_prospector, the quickstart). The YAML's `recipe:` key
-picks `jaxrl/recipes/<recipe>.py`, whose `Config` dataclass types every key. Everything is
-checked before any device work: config problems exit with status 2 and say what to change.
+CONFIG is a YAML path or a name in configs/ (default: ppo_prospector, the quickstart); names
+and `configs/NAME.yaml` work from any directory (the configs ship with jaxrl). The YAML's
+`recipe:` key picks `jaxrl/recipes/<recipe>.py`, whose `Config` dataclass types every key.
+Everything is checked before any device work: config problems exit with status 2 and say what
+to change.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from pathlib import Path
 
 from jaxrl.core.config import ConfigError, build, dump, merge, parse_overrides, read_yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+def _config_dir() -> Path:
+    """The configs `pip install .` puts inside the package, else a source checkout's configs/."""
+    package = Path(__file__).resolve().parent
+    return package / "configs" if (package / "configs").is_dir() else package.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 DEFAULT_CONFIG = "ppo_prospector"  # the quickstart: ~1.5 min on 2 CPU cores
 
 
@@ -37,10 +45,13 @@ def load_recipe(name: str, source: str):
 
 
 def resolve_path(arg: str) -> Path:
+    """An existing path as given; NAME and a missing `configs/NAME.yaml` from CONFIG_DIR."""
     path = Path(arg)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.exists():
         return path
-    return CONFIG_DIR / f"{arg}.yaml"
+    if path.suffix not in (".yaml", ".yml"):
+        return CONFIG_DIR / f"{arg}.yaml"
+    return CONFIG_DIR / path.name if path.parent == Path("configs") else path
 
 
 def load(config_arg: str, overrides: list[str]):

@@ -9,11 +9,12 @@ REMOTE_DIR on every host (a shared filesystem, or your own sync).
 
 ssh: starts the N processes from here, each writing LOG_DIR/process-I.log; if one
 fails, the others are stopped.
-  python launch/gpu_cluster.py --hosts gpu0,gpu1 configs/gpt2_sft.yaml loop.steps=1000
-  python launch/gpu_cluster.py --hosts-file hosts.txt --dry-run configs/gpt2_sft.yaml
+  python launch/gpu_cluster.py --hosts gpu0,gpu1 configs/sft_gpt2_shakespeare.yaml loop.steps=1000
+  python launch/gpu_cluster.py --hosts-file hosts.txt --dry-run configs/sft_gpt2_shakespeare.yaml
 
 SLURM: prints an sbatch script (it submits nothing, so --dry-run changes nothing here).
-  python launch/gpu_cluster.py --slurm-nodes 4 --gpus-per-node 8 configs/gpt2_sft.yaml > job.sbatch
+  python launch/gpu_cluster.py --slurm-nodes 4 --gpus-per-node 8 \
+      configs/sft_gpt2_shakespeare.yaml > job.sbatch
   sbatch job.sbatch
 """
 
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--job-name", default="jaxrl", help="SLURM only")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the ssh commands, one per line, instead of running them")
-    parser.add_argument("config", help="config path inside the repository, e.g. configs/x.yaml")
+    parser.add_argument("config", help="config path inside the repository "
+                        "(e.g. configs/ppo_cartpole.yaml) or a config name")
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides for jaxrl.launch")
     args = parser.parse_args(argv)
 

@@ -7,8 +7,8 @@ Ships this repository to each worker, then starts
 worker's `jax.distributed.initialize()` finds its peers from the TPU metadata.
 Each worker's output goes to LOG_DIR/<worker id>.log on this machine.
 
-  python launch/tpu_pod.py --tpu my-pod --zone us-central2-b configs/gpt2_sft.yaml loop.steps=1000
-  python launch/tpu_pod.py --dry-run --tpu my-pod --zone us-central2-b configs/gpt2_sft.yaml
+  python launch/tpu_pod.py --tpu my-pod --zone us-central2-b configs/sft_gpt2_shakespeare.yaml loop.steps=1000
+  python launch/tpu_pod.py --dry-run --tpu my-pod --zone us-central2-b configs/sft_gpt2_shakespeare.yaml
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for the job (repeatable)")
     parser.add_argument("--log-dir", help="local folder for per-worker logs (default: logs/TPU)")
-    parser.add_argument("config", help="config path inside the repository, e.g. configs/x.yaml")
+    parser.add_argument("config", help="config path inside the repository "
+                        "(e.g. configs/ppo_cartpole.yaml) or a config name")
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides for jaxrl.launch")
     args = parser.parse_args(argv)
 
