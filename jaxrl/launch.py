@@ -18,6 +18,7 @@ from pathlib import Path
 
 from jaxrl.core.config import ConfigError, build, dump, merge, parse_overrides, read_yaml
 
+
 def _config_dir() -> Path:
     """The configs `pip install .` puts inside the package, else a source checkout's configs/."""
     package = Path(__file__).resolve().parent
