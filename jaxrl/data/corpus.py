@@ -205,7 +205,7 @@ def make_plan(manifest: Manifest, pool) -> dict:
     kept_sigs: dict[tuple[int, int], np.ndarray] = {}
     taken = collections.Counter()  # per source: documents and characters within its limits
     taken_chars = collections.Counter()
-    split_chars = {"train": [0], "val": [0]}
+    shard_chars = {"train": 0, "val": 0}  # in the split's open shard
     shard_lists: dict[str, list[list[list[int]]]] = {"train": [[]], "val": [[]]}
     out = manifest.output
     for summary in pool.imap(summarize_file, tasks):
@@ -238,11 +238,12 @@ def make_plan(manifest: Manifest, pool) -> dict:
                 seen.add(d)
             sig = sig_of.get(i)
             if sig is not None:
-                key = (summary.file_id, i)
-                if any(np.mean(kept_sigs[k] == sig) >= manifest.dedup.threshold for k in lsh.query(_lean(sig, manifest))):
+                key, lean = (summary.file_id, i), _lean(sig, manifest)
+                # LSH candidates are only likely matches: confirm with the signatures' estimate.
+                if any(np.mean(kept_sigs[k] == sig) >= manifest.dedup.threshold for k in lsh.query(lean)):
                     c["near_duplicates"] += 1
                     continue
-                lsh.insert(key, _lean(sig, manifest), check_duplication=False)
+                lsh.insert(key, lean, check_duplication=False)
                 kept_sigs[key] = sig
             c["after_dedup"] += 1
             k = copies(d, source.weight)
@@ -253,10 +254,10 @@ def make_plan(manifest: Manifest, pool) -> dict:
             c["chars"] += k * n_chars
             c[f"{split}_docs"] += k
             shard_lists[split][-1].extend([[summary.file_id, i]] * k)
-            split_chars[split][-1] += k * n_chars
-            if split_chars[split][-1] >= out.shard_chars:
+            shard_chars[split] += k * n_chars
+            if shard_chars[split] >= out.shard_chars:
                 shard_lists[split].append([])
-                split_chars[split].append(0)
+                shard_chars[split] = 0
     plan_shards = []
     for split in ("train", "val"):
         groups = [g for g in shard_lists[split] if g]
