@@ -1,4 +1,5 @@
-"""The sandbox against hostile candidates: each attack fails the sample, the host is untouched."""
+"""The sandbox against hostile candidates: each attack fails the sample, the host is untouched,
+and no forgery (operators, patched builtins or unittest, early exits) turns a wrong answer into a pass."""
 
 import os
 import shutil
@@ -34,6 +35,21 @@ UNITTEST_TASK = CodeTask(
     reference="def add(a, b):\n    return a + b\n",
     kind="unittest",
     test_classes=("AddTest",),
+)
+# Graded by `abs(result - expected) < tol`, so a forged `__sub__` is what would fake a pass.
+FLOAT_TASK = CodeTask(
+    task_id="adversarial/add_float",
+    prompt="",
+    entry_point="add",
+    test="def check(candidate):\n    assert abs(candidate(2.0, 3.5) - 5.5) < 1e-9\n\ncheck(add)\n",
+    reference="def add(a, b):\n    return a + b\n",
+)
+PAIR_TASK = CodeTask(
+    task_id="adversarial/pair",
+    prompt="",
+    entry_point="pair",
+    test="assert pair(2, 3) == [2, 3]\n",
+    reference="def pair(a, b):\n    return [a, b]\n",
 )
 LIMITS = Limits(wall_seconds=5.0, cpu_seconds=2, memory_bytes=512 << 20, output_bytes=1 << 16)
 
@@ -146,14 +162,96 @@ def test_home_directory_is_hidden(grader):
     assert not result.passed and "FileNotFoundError" in result.reason, result
 
 
-def test_unittest_assert_monkeypatch_is_caught(grader):
-    patch = (
-        "import unittest\nunittest.TestCase.assertEqual = lambda self, *a, **k: None\n"
-        "def add(a, b):\n    return 0\n"
+ALWAYS_EQUAL = "class Same:\n    def __eq__(self, other):\n        return True\n    __ne__ = lambda self, other: False\n"
+ALWAYS_EQUAL_INT = "class Same(int):\n    def __eq__(self, other):\n        return True\n    __ne__ = lambda self, other: False\n"
+# Each forgery returns a wrong answer (0, or an object standing in for one) and hides it; every one
+# of them passed under the previous harness or would pass without one of its defences.
+FORGERIES = {
+    "eq_always_true": (TASK, ALWAYS_EQUAL + "def add(a, b):\n    return Same()\n", "forged comparison: Same.__eq__"),
+    "int_subclass_eq": (TASK, ALWAYS_EQUAL_INT + "def add(a, b):\n    return Same(0)\n", "forged comparison"),
+    "borrowed_c_operator": (TASK, "class Same(int):\n    __eq__ = int.__ne__\ndef add(a, b):\n    return Same(0)\n",
+                            "forged comparison: Same.__eq__"),
+    "forged_list_elements": (PAIR_TASK, ALWAYS_EQUAL + "def pair(a, b):\n    return [Same(), Same()]\n", "forged comparison"),
+    "forged_sub": (FLOAT_TASK, "class Zero:\n    __sub__ = lambda self, other: 0.0\ndef add(a, b):\n    return Zero()\n",
+                   "forged comparison: Zero.__sub__"),
+    "patch_builtins_abs": (FLOAT_TASK, "import builtins\nbuiltins.abs = lambda x: 0\ndef add(a, b):\n    return 0.0\n",
+                           "tampered with the test machinery (builtins.abs)"),
+    "patch_builtins_isinstance_in_call": (
+        TASK, "import builtins\ndef add(a, b):\n    builtins.isinstance = lambda *a: True\n    return a + b\n",
+        "tampered with the test machinery (builtins.isinstance)"),
+    "patch_verdict_encoder": (
+        TASK, "import json\njson.dumps = lambda *a, **k: '{\"passed\": true, \"reason\": \"passed\", \"tests\": 1, \"failures\": 0}'\n"
+        "def add(a, b):\n    return 0\n", "tampered with the test machinery (json.dumps)"),
+    "patch_harness_via_main": (
+        FLOAT_TASK, "import __main__, builtins\n__main__._tampered = lambda before: None\nbuiltins.abs = lambda x: 0\n"
+        "def add(a, b):\n    return 0.0\n", "tampered with the test machinery (builtins.abs)"),
+    "sys_exit_in_call": (TASK, "import sys\ndef add(a, b):\n    sys.exit(0)\n", "SystemExit"),
+    "raise_system_exit": (TASK, "raise SystemExit(0)\n", "SystemExit"),
+    "os_exit_in_call": (TASK, "import os\ndef add(a, b):\n    os._exit(0)\n", "exited (code 0)"),
+    "kill_self_in_call": (TASK, "import os, signal\ndef add(a, b):\n    os.kill(os.getpid(), signal.SIGKILL)\n", "SIGKILL"),
+    "unittest_eq_forged": (UNITTEST_TASK, ALWAYS_EQUAL_INT + "def add(a, b):\n    return Same(0)\n", "forged comparison"),
+    "unittest_assert_patched": (
+        UNITTEST_TASK, "import unittest\nunittest.TestCase.assertEqual = lambda self, *a, **k: None\n"
+        "def add(a, b):\n    return 0\n", "AssertionError: 0 != 5"),
+    "unittest_assert_patched_then_restored": (
+        UNITTEST_TASK, "import unittest\noriginal = unittest.TestCase.assertEqual\n"
+        "class Restore:\n    def __del__(self):\n        unittest.TestCase.assertEqual = original\n"
+        "unittest.TestCase.assertEqual = lambda self, *a, **k: None\n"
+        "def add(a, b, _restore=[Restore()]):\n    _restore.clear()\n    return 0\n", "AssertionError: 0 != 5"),
+    "unittest_runner_patched": (
+        UNITTEST_TASK, "import unittest\nunittest.TestResult.wasSuccessful = lambda self: True\n"
+        "unittest.TextTestRunner.run = lambda self, test: unittest.TestResult()\n"
+        "def add(a, b):\n    return 0\n", "AssertionError: 0 != 5"),
+    "unittest_exc_info_patched": (
+        UNITTEST_TASK, "import sys\ndef add(a, b):\n    sys.exc_info = lambda: (None, None, None)\n    return 0\n",
+        "tampered with the test machinery (sys.exc_info)"),
+    "unittest_skip_from_solution": (
+        UNITTEST_TASK, "import unittest\ndef add(a, b):\n    raise unittest.SkipTest('skip me')\n", "SkipTest: skip me"),
+    "unittest_sys_exit_in_test": (UNITTEST_TASK, "import sys\ndef add(a, b):\n    sys.exit(0)\n", "SystemExit"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGERIES))
+def test_forged_pass_fails_with_a_reason(grader, name):
+    task, code, expected_reason = FORGERIES[name]
+    result = grader.grade(task, code)
+    assert not result.passed, f"{name} passed: {result}"
+    assert expected_reason in result.reason, f"{name}: unexpected reason {result.reason!r}"
+    assert grader.grade(task, task.reference).passed
+
+
+def test_operators_under_test_and_stdlib_results_still_pass(grader):
+    """The forgery check must not fail honest code: a class's own `__contains__` and `__eq__`
+    compared with its own instances, stdlib values (Counter, datetime, Decimal), namedtuples."""
+    task = CodeTask(
+        task_id="adversarial/honest_operators",
+        prompt="",
+        entry_point="Bag",
+        test=(
+            "import unittest, collections, datetime, decimal\n\nclass BagTest(unittest.TestCase):\n"
+            "    def test_bag(self):\n        bag = Bag(['a', 'a'])\n"
+            "        self.assertIn('a', bag)\n        self.assertNotIn('b', bag)\n        assert 'a' in bag\n"
+            "        self.assertEqual(bag, Bag(['a', 'a']))\n"
+            "        self.assertEqual(bag.counts(), {'a': 2})\n        assert bag.counts() == collections.Counter('aa')\n"
+            "        self.assertEqual(bag.when(), datetime.date(2024, 1, 2))\n"
+            "        self.assertAlmostEqual(bag.price(), decimal.Decimal('1.5'))\n"
+            "        self.assertEqual(bag.point(), (1, 2))\n"
+        ),
+        reference=(
+            "import collections, datetime, decimal\nPoint = collections.namedtuple('Point', 'x y')\n"
+            "class Bag:\n    def __init__(self, items):\n        self.items = list(items)\n"
+            "    def __contains__(self, item):\n        return item in self.items\n"
+            "    def __eq__(self, other):\n        return isinstance(other, Bag) and self.items == other.items\n"
+            "    def counts(self):\n        return collections.Counter(self.items)\n"
+            "    def when(self):\n        return datetime.date(2024, 1, 2)\n"
+            "    def price(self):\n        return decimal.Decimal('1.5')\n"
+            "    def point(self):\n        return Point(1, 2)\n"
+        ),
+        kind="unittest",
+        test_classes=("BagTest",),
     )
-    result = grader.grade(UNITTEST_TASK, patch)
-    assert not result.passed and "tampered" in result.reason, result
-    assert grader.grade(UNITTEST_TASK, UNITTEST_TASK.reference).passed
+    result = grader.grade(task, task.reference)
+    assert result.passed and result.tests == 1, result
 
 
 def test_no_leftover_processes_after_background_attack(grader):
