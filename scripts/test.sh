@@ -18,5 +18,5 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 # torch is pinned in the extra to the CPU wheel; never let pip pick a CUDA build.
-.venv/bin/pip install -q -e ".[test,torch,rtl]"
+.venv/bin/pip install -q -e ".[test,torch,rtl,classeval]"
 exec .venv/bin/python -m pytest "$@"
