@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Run a jaxrl config on every worker of a Cloud TPU VM or pod slice.
 
-Ships this repository to each worker, then starts
+Replaces the code on each worker with this repository's HEAD, installs the pinned versions in
+tpu_setup/requirements.txt (tpu_setup/setup_env.sh), then starts
 `python -m jaxrl.launch CONFIG [overrides]` on all of them at once
 (`gcloud compute tpus tpu-vm ssh --worker=all`) with `distributed.auto=true`, so each
 worker's `jax.distributed.initialize()` finds its peers from the TPU metadata.
 Each worker's output goes to LOG_DIR/<worker id>.log on this machine.
 
-  python launch/tpu_pod.py --tpu my-pod --zone us-central2-b configs/sft_gpt2_shakespeare.yaml loop.steps=1000
-  python launch/tpu_pod.py --dry-run --tpu my-pod --zone us-central2-b configs/sft_gpt2_shakespeare.yaml
+  python launch/tpu_pod.py --tpu my-pod --zone us-central2-b \
+      configs/sft_gpt2_shakespeare.yaml loop.steps=1000
+  python launch/tpu_pod.py --dry-run --tpu my-pod --zone us-central2-b configs/ppo_cartpole.yaml
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from runner import launch_command, parse_env, remote_path, run_in_order
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = "/tmp/jaxrl-src.tar.gz"
+KEEP = (".venv", "runs")  # made on the worker (environment, run outputs): a deploy keeps them
 
 
 def gcloud_tpu(args, verb: str, *operands: str) -> list[str]:
@@ -40,22 +43,35 @@ def on_all_workers(args, command: str, output_dir: str | None = None) -> list[st
 
 
 def sync_commands(args) -> list[list[str]]:
-    """Commands that put this checkout's code into REMOTE_DIR on every worker.
+    """Commands that make REMOTE_DIR on every worker hold this checkout's code and nothing older.
 
-    `archive` ships the committed HEAD (`git archive`), so what runs is a commit you can
-    name; extracting over REMOTE_DIR keeps the worker's .venv. `git` pulls on each worker
-    (the repository must already be cloned there); `none` leaves the workers as they are.
+    `archive` ships the committed HEAD (`git archive`), so what runs is a commit you can name,
+    and empties REMOTE_DIR before extracting it (all but KEEP): a file deleted or renamed here
+    does not linger there. `git` pulls on each worker (the repository must already be cloned
+    there) and removes every file git does not track, KEEP aside; `none` leaves the workers as
+    they are.
     """
     remote_dir = shlex.quote(remote_path(args.remote_dir))
     if args.sync == "archive":
+        keep = " ".join(f"-not -name {name}" for name in KEEP)
+        replace = (f"mkdir -p {remote_dir} && find {remote_dir} -mindepth 1 -maxdepth 1 {keep} "
+                   f"-exec rm -rf {{}} + && tar -xzf {ARCHIVE} -C {remote_dir}")
         return [
             ["git", "-C", str(REPO), "archive", "--format=tar.gz", f"--output={ARCHIVE}", "HEAD"],
             gcloud_tpu(args, "scp", ARCHIVE, f"{args.tpu}:{ARCHIVE}"),
-            on_all_workers(args, f"mkdir -p {remote_dir} && tar -xzf {ARCHIVE} -C {remote_dir}"),
+            on_all_workers(args, replace),
         ]
     if args.sync == "git":
-        return [on_all_workers(args, f"git -C {remote_dir} pull --ff-only")]
+        keep = " ".join(f"-e /{name}" for name in KEEP)
+        return [on_all_workers(args, f"git -C {remote_dir} pull --ff-only && "
+                                     f"git -C {remote_dir} clean -fdx {keep}")]
     return []
+
+
+def install(args) -> str:
+    """A worker's shell command: tpu_setup/setup_env.sh, which installs the pinned versions and
+    rebuilds jaxrl's native core for the code just shipped (a deploy removes the old build)."""
+    return f"cd {shlex.quote(remote_path(args.remote_dir))} && bash tpu_setup/setup_env.sh"
 
 
 def add_tpu_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +83,7 @@ def add_tpu_arguments(parser: argparse.ArgumentParser) -> None:
                         help="repository path on the workers, relative to home (default: jaxrl)")
     parser.add_argument("--sync", choices=["archive", "git", "none"], default="archive",
                         help="how code reaches the workers: scp `git archive HEAD` (default), "
-                        "`git pull` on each worker, or not at all")
+                        "`git pull` on each worker, or not at all (nor reinstalled)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the commands, one per line, instead of running them")
 
@@ -86,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = args.log_dir or f"logs/{args.tpu}"
     job = launch_command(".venv/bin/python", args.config, ["distributed.auto=true", *args.overrides],
                          parse_env(args.env))
-    commands = sync_commands(args) + [
+    setup = [on_all_workers(args, install(args))] if args.sync != "none" else []
+    commands = sync_commands(args) + setup + [
         ["mkdir", "-p", log_dir],
         on_all_workers(args, f"cd {shlex.quote(remote_path(args.remote_dir))} && {job}",
                        output_dir=log_dir),

@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ SETUP_POD = REPO / "tpu_setup" / "setup_pod.py"
 
 GCLOUD_TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
 WHERE = ["--zone=us-central2-b", "--project=my-proj", "--worker=all"]
+REPLACE_CODE = ("mkdir -p jaxrl && find jaxrl -mindepth 1 -maxdepth 1 -not -name .venv "
+                "-not -name runs -exec rm -rf {} + && tar -xzf /tmp/jaxrl-src.tar.gz -C jaxrl")
 
 
 def run(script: Path, *args: str, env: dict | None = None, cwd: Path = REPO):
@@ -74,8 +77,9 @@ def test_tpu_pod_dry_run_ships_repo_then_runs_config_on_every_worker(worker_home
         ["git", "-C", str(REPO), "archive", "--format=tar.gz",
          "--output=/tmp/jaxrl-src.tar.gz", "HEAD"],
         [*GCLOUD_TPU, "scp", "/tmp/jaxrl-src.tar.gz", "my-pod:/tmp/jaxrl-src.tar.gz", *WHERE],
+        [*GCLOUD_TPU, "ssh", "my-pod", *WHERE, "--command", REPLACE_CODE],
         [*GCLOUD_TPU, "ssh", "my-pod", *WHERE, "--command",
-         "mkdir -p jaxrl && tar -xzf /tmp/jaxrl-src.tar.gz -C jaxrl"],
+         "cd jaxrl && bash tpu_setup/setup_env.sh"],
         ["mkdir", "-p", "logs/my-pod"],
         [*GCLOUD_TPU, "ssh", "my-pod", *WHERE, "--command", job,
          "--output-directory=logs/my-pod"],
@@ -91,7 +95,8 @@ def test_tpu_pod_git_sync_and_home_relative_dir():
                        "--remote-dir", "~/src/jaxrl", "--log-dir", "out", "configs/x.yaml")
     ssh = [*GCLOUD_TPU, "ssh", "p", "--zone=z", "--worker=all", "--command"]
     assert commands == [
-        [*ssh, "git -C src/jaxrl pull --ff-only"],
+        [*ssh, "git -C src/jaxrl pull --ff-only && git -C src/jaxrl clean -fdx -e /.venv -e /runs"],
+        [*ssh, "cd src/jaxrl && bash tpu_setup/setup_env.sh"],
         ["mkdir", "-p", "out"],
         [*ssh, "cd src/jaxrl && .venv/bin/python -m jaxrl.launch configs/x.yaml "
                "distributed.auto=true",
@@ -117,13 +122,65 @@ def test_setup_pod_ships_repo_and_runs_setup_env_on_every_worker():
                        "--project", "my-proj")
     assert commands[1] == [*GCLOUD_TPU, "scp", "/tmp/jaxrl-src.tar.gz",
                            "my-pod:/tmp/jaxrl-src.tar.gz", *WHERE]
-    assert commands[-2:] == [
+    assert commands[2:] == [
+        [*GCLOUD_TPU, "ssh", "my-pod", *WHERE, "--command", REPLACE_CODE],
         ["mkdir", "-p", "logs/my-pod-setup"],
         [*GCLOUD_TPU, "ssh", "my-pod", *WHERE, "--command",
-         "cd jaxrl && bash tpu_setup/setup_env.sh", "--output-directory=logs/my-pod-setup"],
+         "cd jaxrl && bash tpu_setup/setup_env.sh && .venv/bin/python tpu_setup/check_tpu.py",
+         "--output-directory=logs/my-pod-setup"],
     ]
-    assert (REPO / "tpu_setup" / "setup_env.sh").is_file()
     assert subprocess.run(["bash", "-n", str(REPO / "tpu_setup" / "setup_env.sh")]).returncode == 0
+    assert (REPO / "tpu_setup" / "check_tpu.py").is_file()
+
+
+def test_deploy_leaves_no_file_of_an_earlier_version(tmp_path):
+    """The archive deploy, run by bash in a worker home that holds an older checkout: only
+    HEAD's files remain, beside the worker's own .venv and runs/."""
+    commands = dry_run(TPU_POD, "--tpu", "p", "--zone", "z", "configs/ppo_cartpole.yaml")
+    archive = tmp_path / "src.tar.gz"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()  # fixed: others may commit meanwhile
+    assert commands[0][-1] == "HEAD"
+    make_archive = [a.replace("/tmp/jaxrl-src.tar.gz", str(archive)) for a in commands[0][:-1]]
+    subprocess.run([*make_archive, head], check=True, timeout=60)
+    worker = tmp_path / "home" / "jaxrl"
+    for old in ["jaxrl/renamed_module.py", "jaxrl/envs/prospector/_native.so", "configs/old.yaml",
+                ".venv/bin/python", "runs/sft/checkpoints/200/state"]:
+        (worker / old).parent.mkdir(parents=True, exist_ok=True)
+        (worker / old).write_text("from an earlier deploy")
+    replace = commands[2][commands[2].index("--command") + 1]
+    subprocess.run(["bash", "-c", replace.replace("/tmp/jaxrl-src.tar.gz", str(archive))],
+                   cwd=worker.parent, check=True, timeout=60)
+
+    shipped = subprocess.run(["git", "ls-tree", "-r", "--name-only", head], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+    on_worker = [str(p.relative_to(worker)) for p in worker.rglob("*") if not p.is_dir()]
+    assert sorted(on_worker) == sorted([*shipped, ".venv/bin/python",
+                                        "runs/sft/checkpoints/200/state"])
+    assert (worker / "jaxrl" / "launch.py").read_bytes() == subprocess.run(
+        ["git", "show", f"{head}:jaxrl/launch.py"], cwd=REPO, capture_output=True).stdout
+
+
+def test_workers_install_exact_versions_of_every_dependency():
+    """Each runtime dependency in pyproject.toml is pinned (==) in the file setup_env.sh installs,
+    at a version its own specifier allows; JAX with its TPU extra."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    assert "pip install -q -r tpu_setup/requirements.txt" in (
+        REPO / "tpu_setup" / "setup_env.sh").read_text()
+    lines = (REPO / "tpu_setup" / "requirements.txt").read_text().splitlines()
+    pins = {canonicalize_name(r.name): r
+            for r in (Requirement(line) for line in lines if not line.startswith("#"))}
+    assert all(str(r.specifier).startswith("==") and "*" not in str(r.specifier)
+               for r in pins.values())
+    assert pins["jax"].extras == {"tpu"}
+    for line in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        wanted = Requirement(line)
+        pin = pins.get(canonicalize_name(wanted.name))
+        assert pin is not None, f"{wanted.name} is not pinned; run tpu_setup/pin_requirements.py"
+        version = str(pin.specifier).removeprefix("==")
+        assert wanted.specifier.contains(version), f"{pin} does not satisfy {wanted}"
 
 
 # --- GPU cluster ---------------------------------------------------------------------

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Set up every worker of a TPU VM / pod slice: ship the repo, run tpu_setup/setup_env.sh.
+"""Set up every worker of a TPU VM / pod slice: ship the repo, run tpu_setup/setup_env.sh,
+then tpu_setup/check_tpu.py.
 
   python tpu_setup/setup_pod.py --tpu my-pod --zone us-central2-b
   python tpu_setup/setup_pod.py --tpu my-pod --zone us-central2-b --dry-run
@@ -11,13 +12,12 @@ TPU devices JAX sees. Then run jobs with launch/tpu_pod.py.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
-from runner import remote_path, run_in_order  # noqa: E402
-from tpu_pod import add_tpu_arguments, on_all_workers, sync_commands  # noqa: E402
+from runner import run_in_order  # noqa: E402
+from tpu_pod import add_tpu_arguments, install, on_all_workers, sync_commands  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     log_dir = args.log_dir or f"logs/{args.tpu}-setup"
-    setup = f"cd {shlex.quote(remote_path(args.remote_dir))} && bash tpu_setup/setup_env.sh"
+    setup = f"{install(args)} && .venv/bin/python tpu_setup/check_tpu.py"
     commands = sync_commands(args) + [
         ["mkdir", "-p", log_dir],
         on_all_workers(args, setup, output_dir=log_dir),
