@@ -3,11 +3,12 @@
   python benchmarks/data.py [--out benchmarks/results/data.json] [--seconds 8]
 
 One corpus for all three: the shared corpora and this Python's standard library, written once
-into a temporary JSONL (one document per row; only text the in-memory reader accepts).
+into a temporary directory of 16 JSONL files (one file's text per row; only text the in-memory
+reader accepts), so processing has files to spread over its workers.
   process    `python -m jaxrl.data process` over it (normalise, filter, dedup, GPT-2 tokens,
              ArrayRecord shards): input tokens/s = tokens written / wall seconds
   streaming  `load_lm_data` on the shard dir, then batches for `--seconds`
-  in_memory  `load_lm_data` on the JSONL (today's path: tokenise everything at start), then
+  in_memory  `load_lm_data` on the JSONL directory (today's path: tokenise everything at start), then
              batches for `--seconds`
 Each runs in its own process; peak memory is the largest sum of RSS over that process and
 its children (sampled every 50 ms), so pool workers count. Startup is the time to the first
@@ -33,23 +34,26 @@ REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, BATCH = 1024, 8
 
 
-def write_corpus(path: Path) -> int:
-    """The shared corpora (one row per file) and the standard library's .py files -> JSONL rows."""
+def write_corpus(directory: Path, parts: int = 16) -> int:
+    """The shared corpora and the standard library's .py files -> JSONL rows, dealt over `parts` files."""
     from jaxrl.data.sources import default_data_dir
 
     files = sorted((default_data_dir() / "corpora").rglob("*.txt"))
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files += sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
+    directory.mkdir()
+    outs = [(directory / f"part-{k:02d}.jsonl").open("w") for k in range(parts)]
     rows = 0
-    with path.open("w") as f:
-        for file in files:
-            try:
-                text = file.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                continue
-            if text.strip():
-                f.write(json.dumps({"text": text}) + "\n")
-                rows += 1
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text.strip():
+            outs[rows % parts].write(json.dumps({"text": text}) + "\n")
+            rows += 1
+    for f in outs:
+        f.close()
     return rows
 
 
@@ -122,14 +126,14 @@ def main() -> None:
         print(json.dumps(child(args.child, args.corpus, args.shards, args.seconds)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        corpus, shard_dir = Path(tmp) / "corpus.jsonl", Path(tmp) / "shards"
+        corpus, shard_dir = Path(tmp) / "corpus", Path(tmp) / "shards"
         rows = write_corpus(corpus)
         results = {part: measure(part, corpus, shard_dir, args.seconds)
                    for part in ("process", "streaming", "in_memory")}
-        corpus_mib = round(corpus.stat().st_size / 2**20, 1)
+        corpus_mib = round(sum(f.stat().st_size for f in corpus.iterdir()) / 2**20, 1)
     report = {
         "benchmark": "benchmarks/data.py",
-        "corpus": {"documents": rows, "mib": corpus_mib, "what": "shared corpora + Python stdlib .py, one JSONL row per file"},
+        "corpus": {"documents": rows, "mib": corpus_mib, "what": "shared corpora + Python stdlib .py, one JSONL row per file, 16 files"},
         "seq_len": SEQ_LEN, "batch_size": BATCH,
         **results,
         "cpu": cpu_info(),

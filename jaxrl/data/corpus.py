@@ -4,7 +4,8 @@
 
 Stages, each counted per source in `DIR/stats.json` (documents in and out):
   read       a source's files, up to its limits (text: one document per file or split on
-             `separator`; JSONL: one per row). Files that are not UTF-8 are skipped and listed.
+             `separator`; JSONL: one per row, streamed). Files that are not UTF-8 are skipped
+             and listed.
   normalise  Unicode NFC/NFKC, CRLF -> LF, trailing spaces stripped; empty documents dropped.
   filter     length, symbol ratio, repeated-line fraction, top word-bigram fraction.
   dedup      exact (BLAKE2b of the normalised text), then near-duplicate (datasketch MinHash
@@ -40,6 +41,7 @@ import re
 import shutil
 import time
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasketch
@@ -61,15 +63,18 @@ _TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
 # ---------------------------------------------------------------- per-document functions
 
 
-def read_file(file: Path, source: SourceConfig) -> list[str] | None:
-    """The raw documents of one file (None: not UTF-8); a malformed JSONL row names file and line."""
-    try:
+def iter_file(file: Path, source: SourceConfig) -> Iterator[str]:
+    """The raw documents of one file, in order, one at a time (JSONL is streamed row by row).
+
+    Raises UnicodeDecodeError for a file that is not UTF-8, and DataError naming the file and
+    line for a malformed JSONL row.
+    """
+    if sources.infer_format(file, source.format) != "jsonl":
         text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        return None
-    if sources.infer_format(file, source.format) == "jsonl":
-        docs = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
+        yield from text.split(source.separator) if source.separator else [text]
+        return
+    with file.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
@@ -77,9 +82,7 @@ def read_file(file: Path, source: SourceConfig) -> list[str] | None:
             except json.JSONDecodeError as e:
                 raise sources.DataError(f"{file}:{line_no}: malformed JSON ({e.msg} at column {e.colno}); "
                                         "each line must be one JSON object: fix or delete that line.") from None
-            docs.append(sources._text_of(row, source.text_field, f"{file}:{line_no}"))
-        return docs
-    return text.split(source.separator) if source.separator else [text]
+            yield sources._text_of(row, source.text_field, f"{file}:{line_no}")
 
 
 def normalize(text: str, cfg: NormalizeConfig) -> str:
@@ -162,22 +165,22 @@ class FileSummary:
 
 def summarize_file(task) -> FileSummary:
     file_id, file, source, manifest = task
-    raw = read_file(file, source)
-    if raw is None:
-        return FileSummary(file_id, True, [], [], [], np.zeros((0, manifest.dedup.num_perm), np.uint32), [])
     chars, reasons, digests, sigs, signed = [], [], [], [], []
-    for i, doc in enumerate(raw):
-        text = normalize(doc, manifest.normalize)
-        reason = "empty" if not text else filter_reason(text, manifest.filter)
-        chars.append(len(text))
-        reasons.append(reason)
-        digests.append(digest(text))
-        if reason is None and manifest.dedup.near:
-            sig = minhash(text, num_perm=manifest.dedup.num_perm, shingle_words=manifest.dedup.shingle_words,
-                          seed=manifest.dedup.seed)
-            if sig is not None:
-                sigs.append(sig)
-                signed.append(i)
+    try:
+        for i, doc in enumerate(iter_file(file, source)):
+            text = normalize(doc, manifest.normalize)
+            reason = "empty" if not text else filter_reason(text, manifest.filter)
+            chars.append(len(text))
+            reasons.append(reason)
+            digests.append(digest(text))
+            if reason is None and manifest.dedup.near:
+                sig = minhash(text, num_perm=manifest.dedup.num_perm, shingle_words=manifest.dedup.shingle_words,
+                              seed=manifest.dedup.seed)
+                if sig is not None:
+                    sigs.append(sig)
+                    signed.append(i)
+    except UnicodeDecodeError:
+        return FileSummary(file_id, True, [], [], [], np.zeros((0, manifest.dedup.num_perm), np.uint32), [])
     sig_array = np.stack(sigs) if sigs else np.zeros((0, manifest.dedup.num_perm), np.uint32)
     return FileSummary(file_id, False, chars, reasons, digests, sig_array, signed)
 
@@ -280,13 +283,19 @@ def write_shard(task) -> dict:
     out_dir, shard, files, manifest, record_dtype = task
     by_name = {s.name: s for s in manifest.sources}
     tokenizer = Tokenizer.from_spec(manifest.tokenizer)
-    cache: dict[int, list[str]] = {}
-    texts, names = [], []
+    wanted = collections.defaultdict(set)
     for file_id, i in shard["docs"]:
-        if file_id not in cache:
-            cache = {file_id: read_file(Path(files[file_id]["path"]), by_name[files[file_id]["source"]])}
-        texts.append(normalize(cache[file_id][i], manifest.normalize))
-        names.append(files[file_id]["source"])
+        wanted[file_id].add(i)
+    found = {}  # only this shard's documents are held, each once however often it repeats
+    for file_id, indices in wanted.items():
+        last = max(indices)
+        for i, raw in enumerate(iter_file(Path(files[file_id]["path"]), by_name[files[file_id]["source"]])):
+            if i in indices:
+                found[file_id, i] = normalize(raw, manifest.normalize)
+            if i == last:
+                break
+    texts = [found[file_id, i] for file_id, i in shard["docs"]]
+    names = [files[file_id]["source"] for file_id, _ in shard["docs"]]
     ids = tokenizer.encode_batch(texts, num_threads=1)
     tokens_by_source = collections.Counter()
     for name, row in zip(names, ids):

@@ -32,10 +32,13 @@ def clean_file(task) -> list[tuple[str | None, int, bytes]]:
     """Per raw document of one file: (its text if it survives normalising and filtering, chars, digest)."""
     file, source, manifest = task
     out = []
-    for raw in corpus.read_file(file, source) or []:
-        text = corpus.normalize(raw, manifest.normalize)
-        keep = bool(text) and corpus.filter_reason(text, manifest.filter) is None
-        out.append((text if keep else None, len(text), corpus.digest(text)))
+    try:
+        for raw in corpus.iter_file(file, source):
+            text = corpus.normalize(raw, manifest.normalize)
+            keep = bool(text) and corpus.filter_reason(text, manifest.filter) is None
+            out.append((text if keep else None, len(text), corpus.digest(text)))
+    except UnicodeDecodeError:
+        return []  # skipped, as `corpus` skips it
     return out
 
 
