@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror}; try --port 0",
               file=sys.stderr)
         return 2
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"jaxrl.view: serving {len(args.runs)} path(s) at http://{host}:{port}/", flush=True)

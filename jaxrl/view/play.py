@@ -31,15 +31,15 @@ class _Session:
     def __init__(self, seed: int, max_steps: int):
         self.seed = seed
         self.env, self.params = make("prospector", env_impl="jax", max_steps=max_steps)
-        self.step_fn, self.observe, self.mask_of = replay.stepper(self.params)
-        self.obs, self.state = self.env.reset(episode_keys(seed, 1)[0], self.params)
+        start, self.advance = replay.stepper(self.params)
+        self.obs, self.state, self.mask = start(episode_keys(seed, 1)[0])
         self.records: list[dict] = []
         self.done = False
 
     def view(self, frame: dict) -> dict:
         return {"seed": self.seed, "max_steps": self.params.max_steps, "done": self.done,
                 "steps": len(self.records), "total": sum(r["reward"] for r in self.records),
-                "mask": np.asarray(self.mask_of(self.state)).tolist(), "frame": frame}
+                "mask": np.asarray(self.mask).tolist(), "frame": frame}
 
 
 class PlaySessions:
@@ -72,11 +72,11 @@ class PlaySessions:
                 raise ValueError("the episode is over: save it or start a new game")
             if not 0 <= action < self.action_count:
                 raise ValueError(f"action must be in 0..{self.action_count - 1}, got {action}")
-            s.state, reward, terminated, truncated = s.step_fn(s.state, action)
+            s.state, reward, terminated, truncated, obs, s.mask = s.advance(s.state, action)
             rec = replay.step_record(0, s.state, action, reward, terminated, truncated,
                                      np.asarray(s.obs))
             s.records.append(rec)
-            s.obs = s.observe(s.state)
+            s.obs = obs
             s.done = bool(terminated) or bool(truncated)
             return s.view(rec)
 

@@ -105,12 +105,23 @@ def step_record(episode, state, action, reward, terminated, truncated, obs) -> d
 
 @functools.lru_cache(maxsize=8)
 def stepper(params):
-    """Jitted (step without auto-reset, observe, action mask) for these env params, compiled once
-    per process: replays record the state the action produced, before any reset."""
-    step = jax.jit(lambda s, a: jax_env.step_core(s, a, params.max_steps, params.invalid_penalty,
-                                                  params.loss_penalty))
-    observe = jax.jit(lambda s: jax_env.observe(s, params.max_steps))
-    return step, observe, jax.jit(jax_env.action_mask)
+    """Jitted `start(key) -> (obs, state, mask)` and `advance(state, action) -> (state, reward,
+    terminated, truncated, obs, mask)` for these env params, compiled once per process.
+
+    `advance` does not auto-reset, so a replay records the state the action produced. Both use
+    the JAX core, which matches the C++ core bit for bit.
+    """
+    def start(key):
+        state = jax_env.reset_core(jax_env.seed_from_key(key))
+        return jax_env.observe(state, params.max_steps), state, jax_env.action_mask(state)
+
+    def advance(state, action):
+        state, reward, terminated, truncated = jax_env.step_core(
+            state, action, params.max_steps, params.invalid_penalty, params.loss_penalty)
+        return (state, reward, terminated, truncated, jax_env.observe(state, params.max_steps),
+                jax_env.action_mask(state))
+
+    return jax.jit(start), jax.jit(advance)
 
 
 def per_observation(policy_fn, policy_params: Any = None):
@@ -131,7 +142,7 @@ def record_act(path: str | Path, act, env, params, *, seed: int, episodes: int =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     act = jax.jit(act)
-    step, observe, mask_of = stepper(params)
+    start, advance = stepper(params)
     keys = episode_keys(seed, episodes)
     policy_keys = jax.random.split(jax.random.fold_in(keys[0], 2), episodes)
     tmp = path.with_name(path.name + ".tmp")  # a viewer never sees a half-written replay
@@ -139,17 +150,17 @@ def record_act(path: str | Path, act, env, params, *, seed: int, episodes: int =
         f.write(json.dumps(make_header(seed=seed, episodes=episodes, max_steps=params.max_steps,
                                   policy=policy_name, env_impl=getattr(env, "impl", "jax"))) + "\n")
         for ep in range(episodes):
-            obs, state = env.reset(keys[ep], params)
+            obs, state, mask = start(keys[ep])
             key = policy_keys[ep]
             done = False
             while not done:
                 key, k = jax.random.split(key)
-                action = int(act(k, obs[None], mask_of(state)[None])[0])
-                state, reward, terminated, truncated = step(state, action)
+                action = int(act(k, obs[None], mask[None])[0])
+                state, reward, terminated, truncated, next_obs, mask = advance(state, action)
                 done = bool(terminated) or bool(truncated)
                 f.write(json.dumps(step_record(ep, state, action, reward, terminated,
                                                truncated, np.asarray(obs))) + "\n")
-                obs = observe(state)
+                obs = next_obs
     os.replace(tmp, path)
     return path
 

@@ -488,7 +488,7 @@ async function pagePlay(main, params) {
   const saved = h("div", {id: "saved"});
   let game = null, queue = Promise.resolve();
   function update(g) {
-    game = g;
+    game = {...g, sid: g.sid || game.sid};  // only a new game's answer carries its sid
     drawFrame(canvas, g.frame, "you");
     status.dataset.steps = g.steps;
     status.dataset.done = g.done;
