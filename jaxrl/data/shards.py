@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 
-import grain
 import numpy as np
+from array_record.python.array_record_data_source import ArrayRecordDataSource
 from etils import epath
 
 from jaxrl.data.sources import DataError
@@ -76,7 +76,9 @@ class ShardWindowSource:
         self._token_starts = np.cumsum([0] + [f["tokens"] for f in files])  # [shards + 1]
         self._record_starts = np.cumsum([0] + [f["records"] for f in files])
         self.num_tokens = int(self._token_starts[-1])
-        self._records = grain.sources.ArrayRecordDataSource([str(self.directory / f["file"]) for f in files])
+        # array_record's own source (Grain's subclass only adds tracing, and importing Grain
+        # imports JAX: ~250 MB in every corpus worker, which imports this module's constants).
+        self._records = ArrayRecordDataSource([str(self.directory / f["file"]) for f in files])
 
     def __len__(self) -> int:
         return -(-(self.num_tokens - 1) // self.seq_len) if self.num_tokens > 1 else 0
