@@ -171,6 +171,10 @@ FORGERIES = {
     "int_subclass_eq": (TASK, ALWAYS_EQUAL_INT + "def add(a, b):\n    return Same(0)\n", "forged comparison"),
     "borrowed_c_operator": (TASK, "class Same(int):\n    __eq__ = int.__ne__\ndef add(a, b):\n    return Same(0)\n",
                             "forged comparison: Same.__eq__"),
+    "metaclass_disguise": (  # its class claims to equal int, to pass for a plain type in a set lookup
+        TASK, "class Meta(type):\n    __eq__ = lambda cls, other: True\n    __hash__ = lambda cls: hash(int)\n"
+        "class Same(metaclass=Meta):\n    __eq__ = lambda self, other: True\n"
+        "def add(a, b):\n    return Same()\n", "forged comparison: Same.__eq__"),
     "forged_list_elements": (PAIR_TASK, ALWAYS_EQUAL + "def pair(a, b):\n    return [Same(), Same()]\n", "forged comparison"),
     "forged_sub": (FLOAT_TASK, "class Zero:\n    __sub__ = lambda self, other: 0.0\ndef add(a, b):\n    return Zero()\n",
                    "forged comparison: Zero.__sub__"),
@@ -185,6 +189,12 @@ FORGERIES = {
     "patch_harness_via_main": (
         FLOAT_TASK, "import __main__, builtins\n__main__._tampered = lambda before: None\nbuiltins.abs = lambda x: 0\n"
         "def add(a, b):\n    return 0.0\n", "tampered with the test machinery (builtins.abs)"),
+    "redefine_prompt_helper": (
+        CodeTask(task_id="adversarial/prompt_helper", prompt="", entry_point="half",
+                 prefix="def double(x):\n    return 2 * x\n\n",
+                 test="assert half(double(7)) == 7\n", reference="def half(x):\n    return x // 2\n"),
+        "def half(x):\n    return x\ndouble = half  # the test's helper now agrees with a wrong half\n",
+        "AssertionError"),
     "sys_exit_in_call": (TASK, "import sys\ndef add(a, b):\n    sys.exit(0)\n", "SystemExit"),
     "raise_system_exit": (TASK, "raise SystemExit(0)\n", "SystemExit"),
     "os_exit_in_call": (TASK, "import os\ndef add(a, b):\n    os._exit(0)\n", "exited (code 0)"),

@@ -1,9 +1,10 @@
 """Runs inside the sandbox: execute one candidate program plus its tests, report one verdict.
 
-Reads a JSON job from stdin ({"program", "test", "kind", "test_classes", "nonce",
-"site_packages", "isolated_pids"}), so the untrusted code never sees the job, and writes exactly
-one verdict line `<nonce>{"passed": ..., "reason": ..., "tests": n, "failures": m}` to a
-duplicate of the original stdout. Standard library only: not imported from the jaxrl package.
+Reads a JSON job from stdin ({"program", "prefix", "entry_point", "test", "kind",
+"test_classes", "nonce", "site_packages", "isolated_pids"}), so the untrusted code never sees the
+job, and writes exactly one verdict line `<nonce>{"passed": ..., "reason": ..., "tests": n,
+"failures": m}` to a duplicate of the original stdout. Standard library only: not imported from
+the jaxrl package.
 
 The candidate runs in this interpreter, so whatever decides the verdict is fixed before it runs:
 - The tests are parsed and compiled first, with every comparison and arithmetic operation routed
@@ -12,7 +13,9 @@ The candidate runs in this interpreter, so whatever decides the verdict is fixed
 - This file and the tests use a private copy of builtins, and unittest tests a private copy of
   the unittest package loaded outside `sys.modules`, whose comparing asserts go through the same
   check. The tests run in a copy of the candidate's globals, so the candidate cannot rebind the
-  names they use. `import __main__` finds an empty module, not this file.
+  names they use, with the names the task's own prefix defines (HumanEval's prompt helpers such
+  as `poly`, ClassEval's imports) taken from a run of the prefix alone, so a completion that
+  redefines them does not change what the tests call. `import __main__` finds an empty module.
 - Every attribute of every loaded module, and of the classes they define, is recorded; a change
   found after the program ran or after the tests fails the sample.
 - A pass is counted, never inferred from the absence of a failure: the verdict is written last,
@@ -43,15 +46,19 @@ _MODULES = sys.modules  # the import system's own dict, whatever `sys.modules` i
 _type_dict = type.__dict__["__dict__"].__get__  # immune to a metaclass overriding __dict__/__mro__
 _type_mro = type.__dict__["__mro__"].__get__
 _type_flags = type.__dict__["__flags__"].__get__
+_type_name = type.__dict__["__name__"].__get__
 _HEAPTYPE = 1 << 9
-_C_CALLABLES = (type(object.__eq__), type(list.append), type(len), type(dict.__dict__["fromkeys"]))
-_EXACT = frozenset({type(None), bool, int, float, complex, str, bytes, range, type(...), type(NotImplemented)})
+# Types are looked up by id: `cls in a_set` would run a candidate metaclass's __hash__/__eq__.
+_C_CALLABLES = frozenset(map(id, (type(object.__eq__), type(list.append), type(len), type(dict.__dict__["fromkeys"]))))
+_EXACT = frozenset(map(id, (type(None), bool, int, float, complex, str, bytes, range, type(...), type(NotImplemented))))
+# The operators that receive the test's value, so a forged one can agree with any expected answer.
+# Unary ones (`__neg__`, `__float__`, `__bool__`, `__len__`, `__hash__`) cannot see it.
 _OPERATORS = (
-    "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__bool__", "__len__",
-    "__contains__", "__iter__", "__getitem__", "__add__", "__radd__", "__sub__", "__rsub__",
-    "__mul__", "__rmul__", "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__",
-    "__mod__", "__rmod__", "__pow__", "__rpow__", "__and__", "__rand__", "__or__", "__ror__",
-    "__xor__", "__rxor__", "__neg__", "__abs__", "__float__", "__int__", "__index__", "__round__",
+    "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__contains__",
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__matmul__", "__rmatmul__",
+    "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__",
+    "__pow__", "__rpow__", "__lshift__", "__rlshift__", "__rshift__", "__rrshift__",
+    "__and__", "__rand__", "__or__", "__ror__", "__xor__", "__rxor__",
 )  # fmt: skip
 _OPS = {
     "Eq": operator.eq, "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le,
@@ -71,39 +78,40 @@ class ForgedComparison(Exception):
 
 def _python_operator(cls, cache):
     """The first operator `cls` implements in Python code (which a candidate can write), or None."""
-    if cls in cache:
-        return cache[cls]
+    if id(cls) in cache:
+        return cache[id(cls)]
     found = None
-    mro = _type_mro(cls)
     for name in _OPERATORS:
-        for klass in mro:
+        for klass in _type_mro(cls):
             attrs = _type_dict(klass)
-            if name in attrs:
+            if attrs is not None and name in attrs:
                 attr = attrs[name]
-                if attr is not None and (type(attr) not in _C_CALLABLES or attr.__name__ != name):
-                    found = f"{cls.__name__}.{name}"
+                if attr is not None and (id(type(attr)) not in _C_CALLABLES or attr.__name__ != name):
+                    found = f"{_type_name(cls)}.{name}"
                 break
         if found:
             break
     if not _type_flags(cls) & _HEAPTYPE:  # static (C) types cannot change: cache across calls
-        _STATIC_CACHE[cls] = found
-    cache[cls] = found
+        _STATIC_CACHE[id(cls)] = found
+    cache[id(cls)] = found
     return found
 
 
-_STATIC_CACHE = {}
+_STATIC_CACHE = {}  # id(static type) -> _python_operator's answer
 
 
 def _forgery(value, limit=1_000_000):
-    """Where `value` carries Python-level operators (itself or nested in containers), or None."""
+    """Where `value` carries Python-level operators (itself or nested in containers), or None.
+
+    Walks the builtin containers (and deque, Counter) through their C methods, so no candidate
+    code runs; a value of more than `limit` objects is trusted past that point.
+    """
     cache, seen, stack = dict(_STATIC_CACHE), set(), [value]
     while stack and limit > 0:
         limit -= 1
         x = stack.pop()
         cls = type(x)
-        if cls in _EXACT:
-            continue
-        if id(x) in seen:
+        if id(cls) in _EXACT or id(x) in seen:
             continue
         seen.add(id(x))
         if cls is Counter:  # stdlib, Python __eq__ over its dict items
@@ -134,7 +142,7 @@ def _check_pair(a, b, container=False):
     if (fa is None) != (fb is None):
         reason = (
             f"forged comparison: {fa or fb} is Python code, compared with a plain "
-            f"{type(b if fa else a).__name__}"
+            f"{_type_name(type(b if fa else a))}"
         )
         _forged.append(reason)
         raise ForgedComparison(reason)
@@ -262,7 +270,11 @@ def _is_machinery(value):
 
     Data attributes (`time.tzname`, `sys.path`, caches) change legitimately and are left out.
     """
-    return callable(value) or isinstance(value, types.ModuleType) or hasattr(type(value), "__get__")
+    cls = type(value)
+    try:
+        return callable(value) or issubclass(cls, types.ModuleType) or hasattr(cls, "__get__")
+    except Exception:  # noqa: BLE001 - an odd attribute is data, not machinery
+        return False
 
 
 def _snapshot():
@@ -277,8 +289,9 @@ def _snapshot():
             if not _is_machinery(value):
                 continue
             state[(mname, key)] = value
-            if isinstance(value, type) and _type_dict(value).get("__module__") == mname:
-                for attr, member in list(_type_dict(value).items()):
+            members = _type_dict(value) if issubclass(type(value), type) else None  # None: not ready
+            if members is not None and members.get("__module__") == mname:
+                for attr, member in list(members.items()):
                     if _is_machinery(member):
                         state[(mname, key, attr)] = member
     state[("builtins",)] = dict(vars(builtins))
@@ -302,7 +315,8 @@ def _tampered(before):
         attrs = getattr(module, "__dict__", {})
         now = attrs.get(key[1], _tampered)
         if len(key) == 3:
-            now = _type_dict(now).get(key[2], _tampered) if isinstance(now, type) else _tampered
+            members = _type_dict(now) if issubclass(type(now), type) else None
+            now = _tampered if members is None else members.get(key[2], _tampered)
         if now is not value:
             return ".".join(key)
     return None
@@ -325,7 +339,7 @@ def _leftover_processes():
 def _describe(error):
     """`Type: message` of an exception the candidate may have crafted (any failure here is caught)."""
     try:
-        text = f"{type(error).__name__}: {error}"
+        text = f"{_type_name(type(error))}: {error}"
     except BaseException:  # noqa: BLE001 - a hostile __str__
         text = "an exception whose message cannot be printed"
     return text if type(text) is str else "an exception whose message cannot be printed"
@@ -369,6 +383,17 @@ def _run_unittest(namespace, class_names):
     return tests, tests - passed, first
 
 
+def _run_prefix(prefix, entry_point):
+    """The names the task's trusted prefix defines, from a run of the prefix alone (or none)."""
+    namespace = {"__name__": "__candidate__", "__file__": f"{getcwd()}/solution.py",
+                 "__builtins__": _TEST_BUILTINS}
+    try:
+        exec(compile(prefix, "prompt.py", "exec"), namespace)
+    except BaseException:  # noqa: BLE001 - a prefix that runs only with its completion
+        return {}
+    return {k: v for k, v in namespace.items() if not k.startswith("__") and k != entry_point}
+
+
 def _run(job, verdict):
     try:
         test_code = _compile_test(job["test"])
@@ -381,6 +406,7 @@ def _run(job, verdict):
             pass
     if job["kind"] == "unittest":
         _guard_asserts(_private_module("unittest.case").TestCase)
+    trusted = _run_prefix(job.get("prefix", ""), job.get("entry_point", ""))
     sys.modules["__main__"] = types.ModuleType("__main__")
     before = _snapshot()
     namespace = {
@@ -394,7 +420,7 @@ def _run(job, verdict):
         return verdict(False, f"solution raised {_describe(e)}"[:500])
     if tampered := _tampered(before):
         return verdict(False, f"tampered with the test machinery ({tampered})")
-    test_globals = {**namespace, "__builtins__": _TEST_BUILTINS, _OP: _operate}
+    test_globals = {**namespace, **trusted, "__builtins__": _TEST_BUILTINS, _OP: _operate}
     try:
         exec(test_code, test_globals)
         if job["kind"] == "unittest":

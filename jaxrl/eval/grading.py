@@ -110,6 +110,8 @@ class PythonGrader:
         nonce = secrets.token_hex(16)
         job = {
             "program": program,
+            "prefix": task.prefix,
+            "entry_point": task.entry_point,
             "test": task.test,
             "kind": task.kind,
             "test_classes": list(task.test_classes),
