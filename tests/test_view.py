@@ -64,7 +64,7 @@ def _make_ppo_eval_run(root: Path) -> Path:
     ppo_dir = root / "agent"
     module, cfg = launch.load("configs/ppo_prospector.yaml", [
         f"run.dir={ppo_dir}", "ppo.num_envs=2", "ppo.rollout_steps=4", "ppo.minibatches=1",
-        "policy.hidden=[8]", "eval.greedy=true", "env.env_impl=jax"])
+        "policy.hidden=[8]", "eval.greedy=true", "env.env_impl=native"])
     ppo_dir.mkdir(parents=True)
     (ppo_dir / "config.yaml").write_text(dump(cfg))
     ckpt = Checkpointer(ppo_dir / "checkpoints", async_save=False)
@@ -73,7 +73,7 @@ def _make_ppo_eval_run(root: Path) -> Path:
     eval_dir = root / "eval"
     _, ecfg = launch.load("configs/eval_prospector.yaml", [
         f"run.dir={eval_dir}", "episodes=1", "max_steps=30", "policies=[]",
-        f"ppo_runs=[{ppo_dir}]", "replay_episodes=1", "env_impl=jax", "run.seed=5"])
+        f"ppo_runs=[{ppo_dir}]", "replay_episodes=1", "env_impl=native", "run.seed=5"])
     summary = prospector_eval.run(ecfg)
     (eval_dir / "result.json").write_text(json.dumps(summary))
     return eval_dir
@@ -88,7 +88,8 @@ def runs_root(tmp_path_factory):
     bad.mkdir()
     (bad / "config.yaml").write_text("recipe: ppo\nppo: [unclosed\n")
     (bad / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 0.5}\n')
-    os.utime(bad / "metrics.jsonl", (OLD, OLD))
+    for p in bad.iterdir():
+        os.utime(p, (OLD, OLD))
     (root / "outside.txt").write_text("secret")
     (root / "sweep" / "lr1e-3" / "replays").mkdir()
     (root / "sweep" / "lr1e-3" / "replays" / "escape.jsonl").symlink_to(root / "outside.txt")
@@ -227,27 +228,6 @@ def test_config_diff_shows_only_differing_keys(page, server):
     assert keys == ["loop.steps", "ppo.lr"]  # num_envs, seed, recipe are the same
 
 
-def test_runs_page_shows_status_and_bad_dirs_readably(page, server, shots):
-    _open(page, server, "runs")
-    rows = page.locator("#runs-table")
-    playwright.expect(rows).to_contain_text("directory not found")
-    status = {r: page.locator(f'#runs-table tr[data-run="{r}"] .status').inner_text()
-              for r in ("sweep/lr1e-3", "sweep/lr3e-4", "missing")}
-    assert status == {"sweep/lr1e-3": "finished", "sweep/lr3e-4": "preempted", "missing": "bad"}
-    broken = page.locator('#runs-table tr[data-run="broken"]')
-    playwright.expect(broken).to_contain_text("config.yaml is not valid YAML")
-    playwright.expect(broken).to_contain_text("line 2 is not valid JSON")
-    page.screenshot(path=shots / "runs.png")
-    broken.click()
-    playwright.expect(page.locator("#run-detail")).to_contain_text("config.yaml is not valid YAML")
-    _open(page, server, "curves?runs=missing")  # a bad run dir opened directly
-    page.wait_for_selector("#chart text")
-    _open(page, server, "evals?run=missing")
-    playwright.expect(page.locator("#message")).to_contain_text("directory not found")
-    assert "Traceback" not in page.content()
-    assert _get(server + "api/runs")[0] == 200  # the server is still up
-
-
 def test_evaluation_tables_and_searchable_samples(page, server, shots):
     _open(page, server, "evals?run=sweep/lr1e-3")
     table = page.locator('.eval-file[data-path="result.json"] table.matrix')
@@ -279,7 +259,6 @@ def test_replay_plays_to_its_end_streaming_pages(page, server, eval_run, shots):
     playwright.expect(player).to_have_attribute("data-total", "30")
     page.locator("#forward").click()
     playwright.expect(player).to_have_attribute("data-index", "1")
-    page.screenshot(path=shots / "replays.png")
     page.select_option("#speed", "200")
     page.locator("#play").click()
     playwright.expect(player).to_have_attribute("data-state", "ended", timeout=20_000)
@@ -333,3 +312,28 @@ def test_human_play_twenty_steps_saved_and_compared_with_a_bot(page, server, eva
     page.locator("#watch-link").click()
     playwright.expect(page.locator(".player canvas")).to_have_count(2)
     playwright.expect(page.locator("#player")).to_have_attribute("data-total", "40")
+    page.locator("#scrub").fill("19")
+    playwright.expect(page.locator(".frame-info").nth(1)).to_contain_text("t=20")
+    page.screenshot(path=shots / "replays.png")
+
+
+def test_runs_page_shows_status_and_bad_dirs_readably(page, server, eval_run, shots):
+    _open(page, server, "runs")
+    rows = page.locator("#runs-table")
+    playwright.expect(rows).to_contain_text("directory not found")
+    status = {r: page.locator(f'#runs-table tr[data-run="{r}"] .status').inner_text()
+              for r in ("sweep/lr1e-3", "sweep/lr3e-4", "broken", "eval", "missing")}
+    assert status == {"sweep/lr1e-3": "finished", "sweep/lr3e-4": "preempted", "broken": "failed",
+                      "eval": "finished", "missing": "bad"}
+    broken = page.locator('#runs-table tr[data-run="broken"]')
+    playwright.expect(broken).to_contain_text("config.yaml is not valid YAML")
+    playwright.expect(broken).to_contain_text("line 2 is not valid JSON")
+    page.screenshot(path=shots / "runs.png")
+    broken.click()
+    playwright.expect(page.locator("#run-detail")).to_contain_text("config.yaml is not valid YAML")
+    _open(page, server, "curves?runs=missing")  # a bad run dir opened directly
+    page.wait_for_selector("#chart text")
+    _open(page, server, "evals?run=missing")
+    playwright.expect(page.locator("#message")).to_contain_text("directory not found")
+    assert "Traceback" not in page.content()
+    assert _get(server + "api/runs")[0] == 200  # the server is still up

@@ -70,16 +70,17 @@ def load_ppo_policy(run_dir: str | Path):
     if cfg.recipe != "ppo" or cfg.env.name.lower() != "prospector":
         raise ConfigError(f"ppo_runs: {run_dir} is a {cfg.recipe!r} run on {cfg.env.name!r}; "
                           "only PPO runs on prospector can play here.")
-    if not (run_dir / "checkpoints").is_dir():
-        raise ConfigError(f"ppo_runs: {run_dir} has no checkpoints/ to load the agent from.")
+    ckpt_dir = getattr(cfg.run, "checkpoint_dir", "") or run_dir / "checkpoints"
+    if not str(ckpt_dir).startswith("gs://") and not Path(ckpt_dir).is_dir():
+        raise ConfigError(f"ppo_runs: {run_dir} has no checkpoints ({ckpt_dir}) to load the agent from.")
     ppo = module.make_ppo(cfg)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                             jax.eval_shape(ppo.init, jax.random.PRNGKey(0)))
-    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
+    ckpt = Checkpointer(ckpt_dir, async_save=False)
     try:
         if ckpt.latest_step() is None:
-            raise ConfigError(f"ppo_runs: no checkpoint in {run_dir / 'checkpoints'}.")
+            raise ConfigError(f"ppo_runs: no checkpoint in {ckpt_dir}.")
         params = ckpt.restore(template)[0].params
     finally:
         ckpt.close()

@@ -39,7 +39,7 @@ function showError(e) {
   m.textContent = String((e && e.message) || e);
 }
 function clearError() { document.getElementById("message").hidden = true; }
-const fmt = (v) => typeof v === "number" ? (Number.isInteger(v) ? String(v) : Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(3) : v.toPrecision(4)) : v === null || v === undefined ? "" : typeof v === "object" ? JSON.stringify(v) : String(v);
+const fmt = (v) => typeof v === "number" ? (Number.isInteger(v) ? String(v) : Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(3) : String(+v.toPrecision(4))) : v === null || v === undefined ? "" : typeof v === "object" ? JSON.stringify(v) : String(v);
 const isNum = (v) => typeof v === "number" && isFinite(v);
 
 function route() {
