@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v bwrap >/dev/null || missing+=(bubblewrap)
 command -v iverilog >/dev/null || missing+=(iverilog)
+# The run browser's tests drive headless Chromium (Debian's build; nothing is downloaded at run time).
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q && apt-get install -y -q "${missing[@]}"
@@ -18,5 +20,5 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 # torch is pinned in the extra to the CPU wheel; never let pip pick a CUDA build.
-.venv/bin/pip install -q -e ".[test,torch,rtl,classeval]"
+.venv/bin/pip install -q -e ".[test,torch,rtl,classeval,view]"
 exec .venv/bin/python -m pytest "$@"
