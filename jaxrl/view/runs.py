@@ -93,7 +93,7 @@ def read_config(run: Run) -> tuple[dict | None, str | None]:
     """(config, error) from config.yaml."""
     path = run.path / "config.yaml"
     if not path.is_file():
-        return None, "no config.yaml"
+        return None, None  # an eval-only run dir may have none
     try:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -220,7 +220,8 @@ def summary(run: Run) -> dict:
     for row in metrics["rows"]:  # eval rows share a step with train rows: merge the latest
         last.update(row)
     out.update(config=config, config_error=config_error, recipe=(config or {}).get("recipe"),
-               last_metrics=last, warnings=metrics["warnings"],
+               last_metrics=last,
+               warnings=metrics["warnings"] if (run.path / "metrics.jsonl").is_file() else [],
                checkpoints=_checkpoint_steps(run), replays=list_replays(run),
                has_samples=(run.path / "samples.jsonl").is_file())
     return out

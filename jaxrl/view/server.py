@@ -88,10 +88,13 @@ def create_app(run_args: list[str]) -> FastAPI:
 
     @app.get("/api/diff")
     def diff(a: str, b: str):
-        (ca, ea), (cb, eb) = R.read_config(run_of(a)), R.read_config(run_of(b))
-        if ea or eb:
-            raise ValueError(f"cannot diff: {a}: {ea}" if ea else f"cannot diff: {b}: {eb}")
-        return {"a": a, "b": b, "rows": R.config_diff(ca, cb)}
+        configs = {}
+        for run in (a, b):
+            config, error = R.read_config(run_of(run))
+            if config is None:
+                raise ValueError(f"cannot diff: {run}: {error or 'no config.yaml'}")
+            configs[run] = config
+        return {"a": a, "b": b, "rows": R.config_diff(configs[a], configs[b])}
 
     @app.get("/api/evals")
     def evals(run: str):
@@ -139,7 +142,9 @@ def create_app(run_args: list[str]) -> FastAPI:
 
     @app.post("/api/play/{sid}/step")
     def play_step(sid: str, body: dict):
-        return sessions().step(sid, int(body["action"]))
+        if not isinstance(body.get("action"), int):
+            raise ValueError(f"the body must be {{\"action\": <int>}}, got {body}")
+        return sessions().step(sid, body["action"])
 
     @app.post("/api/play/{sid}/save")
     def play_save(sid: str, body: dict):
