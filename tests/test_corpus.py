@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from conftest import TINY_SFT_OVERRIDES
 from jaxrl.core.config import ConfigError
 from jaxrl.data import corpus, shards, train_tokenizer
+from jaxrl.data.__main__ import main as data_cli
 from jaxrl.data.lm import LMDataConfig, WindowSource, load_lm_data
 from jaxrl.data.manifest import FilterConfig, load_manifest
 from jaxrl.data.sources import DataError
@@ -247,11 +248,13 @@ def test_sft_trains_on_a_shard_dir(shard_dir, tmp_path):
 # ---------------------------------------------------------------- bad input
 
 
-def test_malformed_manifest_names_the_key_and_the_file(tmp_path):
+def test_malformed_manifest_names_the_key_and_the_file(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("sources:\n  - {name: a, path: x.txt, wieght: 2}\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'sources\[0\].wieght'.*Did you mean 'sources\[0\].weight'"):
         load_manifest(path)
+    assert data_cli(["process", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "config error:" in capsys.readouterr().err and not (tmp_path / "out").exists()
     path.write_text("sources:\n  - {name: a, path: x.txt}\nfilter: {max_symbol_ratio: 2}\n")
     with pytest.raises(ConfigError, match="bad.yaml: filter.max_symbol_ratio must be in"):
         load_manifest(path)

@@ -1,4 +1,4 @@
-"""Language-model data: documents -> GPT-2 tokens -> fixed windows -> Grain batches.
+"""Language-model data: documents (or token shards) -> fixed windows -> Grain batches.
 
 Batches are host-local NumPy dicts (this process's rows of the global batch):
 

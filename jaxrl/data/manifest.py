@@ -128,7 +128,7 @@ class Manifest:
     normalize: NormalizeConfig = dataclasses.field(default_factory=NormalizeConfig)
     filter: FilterConfig = dataclasses.field(default_factory=FilterConfig)
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
-    tokenizer: str = "gpt2"  # "gpt2" or a trained tokenizer's directory
+    tokenizer: str = "gpt2"  # "gpt2" or a trained tokenizer's directory (relative: to the working dir)
     train_tokenizer: TokenizerTrainConfig = dataclasses.field(default_factory=TokenizerTrainConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
     workers: int = 0  # processes; 0: one per core

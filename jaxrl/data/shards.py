@@ -67,7 +67,8 @@ class ShardWindowSource:
         files = index["splits"].get(split) or []
         if not files:
             raise DataError(f"{epath.Path(directory) / INDEX}: split {split!r} has no shards "
-                            f"(splits: {', '.join(k for k, v in index['splits'].items() if v) or 'none'}).")
+                            f"(splits: {', '.join(k for k, v in index['splits'].items() if v) or 'none'}). "
+                            "Give data.val_path, or re-process with output.val_fraction > 0.")
         self.directory, self.split = epath.Path(directory), split
         self.seq_len, self.pad_id = seq_len, pad_id
         self.tokenizer = index["tokenizer"]
