@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     log_dir = args.log_dir or f"logs/{args.tpu}"
-    job = launch_command(".venv/bin/python", args.config, ["distributed.auto=true", *args.overrides],
-                         parse_env(args.env))
+    job = launch_command(".venv/bin/python", args.config,
+                         ["distributed.auto=true", *args.overrides], parse_env(args.env))
     setup = [on_all_workers(args, install(args))] if args.sync != "none" else []
     commands = sync_commands(args) + setup + [
         ["mkdir", "-p", log_dir],
