@@ -37,6 +37,7 @@ from typing import Literal
 
 import grain
 import numpy as np
+from etils import epath
 
 from jaxrl.core.config import ConfigError
 from jaxrl.data import shards, sources
@@ -80,7 +81,7 @@ class LMDataConfig:
                 value = getattr(self, key)
                 if not value:
                     continue
-                location = sources.resolve_path(value, self.data_dir)
+                location = _locate(value, self.data_dir)
                 try:
                     if shards.is_shard_dir(location):
                         shards.read_index(location)
@@ -271,7 +272,7 @@ def load_lm_data(
     _local_batch_size(cfg.batch_size, process_count)
 
     def location(path: str):
-        return path if cfg.format == "tfds" else sources.resolve_path(path, cfg.data_dir)
+        return path if cfg.format == "tfds" else _locate(path, cfg.data_dir)
 
     shard_dirs = {key: location(getattr(cfg, key)) for key in ("path", "val_path")
                   if getattr(cfg, key) and cfg.format != "tfds" and shards.is_shard_dir(location(getattr(cfg, key)))}
@@ -312,6 +313,11 @@ def load_lm_data(
     else:
         train_docs, val_docs = sources.split_documents(train_docs, cfg.val_fraction)
     return LMData(cfg, windows(train_docs), windows(val_docs), process_index, process_count, tokenizer)
+
+
+def _locate(path: str, data_dir: str):
+    """A URL (`gs://...`: a shard directory on a bucket) as an `epath`; else under the data dir."""
+    return epath.Path(path) if "://" in path else sources.resolve_path(path, data_dir)
 
 
 def _check_tokenizer(written: dict, tokenizer: Tokenizer, where: str) -> None:
