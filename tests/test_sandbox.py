@@ -195,6 +195,11 @@ FORGERIES = {
                  test="assert half(double(7)) == 7\n", reference="def half(x):\n    return x // 2\n"),
         "def half(x):\n    return x\ndouble = half  # the test's helper now agrees with a wrong half\n",
         "AssertionError"),
+    "replace_operator_check_via_callback": (  # MBPP/861 and /864 hand the candidate a lambda
+        CodeTask(task_id="adversarial/apply", prompt="", entry_point="apply",
+                 test="assert apply(lambda x: x + 1, 2) == 3\n", reference="def apply(f, x):\n    return f(x)\n"),
+        "def apply(f, x):\n    f.__globals__['__jaxrl_operate__'] = lambda op, a, b: True\n    return 0\n",
+        "tampered with the test machinery (the tests' operator check)"),
     "sys_exit_in_call": (TASK, "import sys\ndef add(a, b):\n    sys.exit(0)\n", "SystemExit"),
     "raise_system_exit": (TASK, "raise SystemExit(0)\n", "SystemExit"),
     "os_exit_in_call": (TASK, "import os\ndef add(a, b):\n    os._exit(0)\n", "exited (code 0)"),

@@ -16,13 +16,15 @@ The candidate runs in this interpreter, so whatever decides the verdict is fixed
   names they use, with the names the task's own prefix defines (HumanEval's prompt helpers such
   as `poly`, ClassEval's imports) taken from a run of the prefix alone, so a completion that
   redefines them does not change what the tests call. `import __main__` finds an empty module.
-- Every attribute of every loaded module, and of the classes they define, is recorded; a change
-  found after the program ran or after the tests fails the sample.
+- Every function, class, descriptor and module reachable from a loaded module (the private
+  unittest included), and every member of the classes they define, is recorded; a change found
+  after the program ran or after the tests fails the sample.
 - A pass is counted, never inferred from the absence of a failure: the verdict is written last,
   with C functions captured at start and a nonce the candidate never sees, so exiting early or
   crashing can only fail.
-Not defended: code that walks frames, the garbage collector, `/proc/self/mem` or ctypes to reach
-this file's private objects (see jaxrl/eval/README.md).
+Not defended: code that walks frames, function internals (`__globals__` of a test function it is
+handed), the garbage collector, `/proc/self/mem` or ctypes to reach this file's private objects
+(see jaxrl/eval/README.md).
 """
 
 import builtins
@@ -250,8 +252,9 @@ def _guard_asserts(testcase):
 
     def guarded(method, membership):
         def check_then_assert(self, *args, **kwargs):
-            if len(args) >= 2:
-                _check_pair(args[0], args[1], container=membership)
+            values = [*args, *(v for k, v in kwargs.items() if k not in ("msg", "places", "delta", "seq_type"))]
+            if len(values) >= 2:
+                _check_pair(values[0], values[1], container=membership)
             return method(self, *args, **kwargs)
 
         return check_then_assert
@@ -277,10 +280,15 @@ def _is_machinery(value):
         return False
 
 
+def _all_modules():
+    """sys.modules, and the tests' private unittest under `private:` names."""
+    return [*_MODULES.items(), *((f"private:{name}", module) for name, module in _private.items())]
+
+
 def _snapshot():
     """Identity of every module's machinery, and of the members of the classes modules define."""
     state = {}
-    for mname, module in list(_MODULES.items()):
+    for mname, module in _all_modules():
         state[(mname,)] = module
         attrs = getattr(module, "__dict__", None)
         if type(attrs) is not dict:
@@ -290,22 +298,25 @@ def _snapshot():
                 continue
             state[(mname, key)] = value
             members = _type_dict(value) if issubclass(type(value), type) else None  # None: not ready
-            if members is not None and members.get("__module__") == mname:
+            if members is not None and members.get("__module__") == mname.removeprefix("private:"):
                 for attr, member in list(members.items()):
                     if _is_machinery(member):
                         state[(mname, key, attr)] = member
     state[("builtins",)] = dict(vars(builtins))
+    state[("test builtins",)] = dict(_TEST_BUILTINS)
     return state
 
 
 def _tampered(before):
-    modules = _MODULES
+    modules = dict(_all_modules())
     for key, value in before.items():
-        if key == ("builtins",):
-            now = vars(builtins)
+        if key in (("builtins",), ("test builtins",)):
+            now = vars(builtins) if key == ("builtins",) else _TEST_BUILTINS
             for name, member in value.items():
                 if now.get(name, _tampered) is not member:
-                    return f"builtins.{name}"
+                    return f"{key[0]}.{name}"
+            if key == ("test builtins",) and len(now) != len(value):
+                return "test builtins (a name added)"
             continue
         module = modules.get(key[0])
         if len(key) == 1:
@@ -432,6 +443,8 @@ def _run(job, verdict):
         raised = f"test raised {_describe(e)}"
     if _forged:
         return verdict(False, _forged[0][:500], 1, 1)
+    if test_globals.get(_OP) is not _operate:
+        return verdict(False, "tampered with the test machinery (the tests' operator check)", 1, 1)
     if tampered := _tampered(before):
         return verdict(False, f"tampered with the test machinery ({tampered})", 1, 1)
     if raised:
