@@ -177,6 +177,9 @@ def test_paths_outside_the_run_dir_are_refused(server, path):
         assert status == 403 and "refused" in body["error"]
     with urllib.request.urlopen(server + "api/file?run=sweep/lr1e-3&path=result.json") as r:
         assert json.loads(r.read())["updates"] == 60
+    for escape in ("static/%2e%2e/runs.py", "static/..%2fserver.py"):
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(server + escape)
 
 
 def test_two_runs_overlaid_with_smoothing_and_log_scale(page, server, shots):
@@ -245,10 +248,10 @@ def test_eval_prospector_plays_a_ppo_run_and_writes_its_replay(eval_run):
 
     summary = json.loads((eval_run / "result.json").read_text())
     header, steps = replay.read(eval_run / "replays" / "ppo-agent.jsonl")
-    assert header["policy"] == "ppo:agent" and header["seed"] == 5 and len(steps) == 30
+    assert header["policy"] == "ppo-agent" and header["seed"] == 5 and len(steps) == 30
     # The greedy agent is deterministic: its replay is the evaluated episode.
     assert replay.episode_returns(steps)[0] == pytest.approx(
-        summary["policies"]["ppo:agent"]["mean"], abs=1e-4)
+        summary["policies"]["ppo-agent"]["mean"], abs=1e-4)
 
 
 def test_replay_plays_to_its_end_streaming_pages(page, server, eval_run, shots):

@@ -6,7 +6,7 @@ records a JSONL replay of the first `replay_episodes` episodes of each policy. W
 `<run dir>/summary.json`.
 
 `ppo_runs` adds trained agents: each PPO run dir (its config.yaml and newest checkpoint) plays
-the same episodes as the bots, named `ppo:<run dir name>`, acting as its own `eval.greedy`
+the same episodes as the bots, named `ppo-<run dir name>`, acting as its own `eval.greedy`
 says; with replays, the agent and the bots can be watched on the same seed
 (`python -m jaxrl.view <run dir>`).
 
@@ -105,7 +105,7 @@ def run(cfg: Config) -> dict:
     results = {}
     print(f"prospector eval: {cfg.episodes} episodes, seed {cfg.run.seed}, env_impl={env.impl}")
     agents = {name: replay.per_observation(POLICIES[name]) for name in cfg.policies}
-    agents.update({f"ppo:{Path(d).resolve().name}": load_ppo_policy(d) for d in cfg.ppo_runs})
+    agents.update({f"ppo-{Path(d).resolve().name}": load_ppo_policy(d) for d in cfg.ppo_runs})
     for name, act in agents.items():
         start = time.perf_counter()
         returns = evaluate_act(act, env, params, cfg.episodes, cfg.run.seed)
@@ -113,10 +113,9 @@ def run(cfg: Config) -> dict:
         r = results[name]
         print(f"  {name:17s} mean {r['mean']:8.2f}  median {r['median']:8.2f}  "
               f"std {r['std']:7.2f}  ({r['seconds']} s)", flush=True)
-        if cfg.replay_episodes:
-            replay.record_act(run_dir / "replays" / f"{name.replace(':', '-')}.jsonl", act, env,
-                              params, seed=cfg.run.seed, episodes=cfg.replay_episodes,
-                              policy_name=name)
+    if cfg.replay_episodes:
+        replay.write_policy_replays(run_dir, agents, env, params, seed=cfg.run.seed,
+                                    episodes=cfg.replay_episodes)
     summary = {"env_impl": env.impl, "episodes": cfg.episodes, "seed": cfg.run.seed,
                "max_steps": cfg.max_steps, "policies": results}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

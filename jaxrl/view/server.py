@@ -31,12 +31,16 @@ def create_app(run_args: list[str]) -> FastAPI:
     index = R.LineIndex()
     plays = None  # created on first use: it imports JAX
 
-    @app.exception_handler(Exception)
-    async def any_error(request: Request, exc: Exception):
-        log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-        code = 403 if isinstance(exc, R.Refused) else 404 if isinstance(exc, NotFound) else (
-            400 if isinstance(exc, ValueError) else 500)
-        return JSONResponse({"error": str(exc) or type(exc).__name__}, status_code=code)
+    def answer(code: int):
+        async def handler(request: Request, exc: Exception):
+            log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+            return JSONResponse({"error": str(exc) or type(exc).__name__}, status_code=code)
+        return handler
+
+    # Most specific class wins: a refused path (a ValueError) is 403, not 400.
+    for exc_class, code in ((R.Refused, 403), (LookupError, 404), (ValueError, 400),
+                            (Exception, 500)):
+        app.add_exception_handler(exc_class, answer(code))
 
     def run_of(run_id: str) -> R.Run:
         found = R.discover(run_args)
