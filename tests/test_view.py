@@ -338,3 +338,6 @@ def test_runs_page_shows_status_and_bad_dirs_readably(page, server, eval_run, sh
     playwright.expect(page.locator("#message")).to_contain_text("directory not found")
     assert "Traceback" not in page.content()
     assert _get(server + "api/runs")[0] == 200  # the server is still up
+    _open(page, server, "runs?filter=loss<0.5")  # filter by a last metric
+    playwright.expect(page.locator("#runs-table tr[data-run]")).to_have_count(1)
+    assert page.locator("#runs-table tr[data-run]").get_attribute("data-run") == "sweep/lr1e-3"

@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"jaxrl.view: serving {len(args.runs)} path(s) at http://{host}:{port}/", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach this host can read these "
+              "runs and play; there is no login (ssh -L to a 127.0.0.1 server is safer)",
+              file=sys.stderr)
     config = uvicorn.Config(create_app(args.runs), log_level="warning")
     uvicorn.Server(config).run(sockets=[sock])
     return 0

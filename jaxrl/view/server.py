@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
@@ -42,8 +43,16 @@ def create_app(run_args: list[str]) -> FastAPI:
                             (Exception, 500)):
         app.add_exception_handler(exc_class, answer(code))
 
+    seen = {"at": -1e9, "runs": {}}
+
+    def current_runs() -> dict[str, R.Run]:
+        """Discovered afresh (new runs appear), but at most every 2 s: pages poll."""
+        if time.monotonic() - seen["at"] > 2.0:
+            seen.update(at=time.monotonic(), runs=R.discover(run_args))
+        return seen["runs"]
+
     def run_of(run_id: str) -> R.Run:
-        found = R.discover(run_args)
+        found = current_runs()
         if run_id not in found:
             raise NotFound(f"no run {run_id!r}; known runs: {', '.join(found) or 'none'}")
         run = found[run_id]
@@ -84,7 +93,7 @@ def create_app(run_args: list[str]) -> FastAPI:
 
     @app.get("/api/runs")
     def list_runs():
-        return {"runs": [R.summary(r) for r in R.discover(run_args).values()]}
+        return {"runs": [R.summary(r) for r in current_runs().values()]}
 
     @app.get("/api/metrics")
     def metrics(run: str, offset: int = 0, line: int = 0, file_id: str = ""):

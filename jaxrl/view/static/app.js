@@ -83,9 +83,21 @@ function mainMetrics(last) {
     .sort((a, b) => (MAIN.some((w) => b.includes(w)) - MAIN.some((w) => a.includes(w))) || a.localeCompare(b)).slice(0, 4);
 }
 
+function runFilter(text) {
+  // "loss<0.5", "eval_return_mean>=80" compare a last metric; anything else matches id/recipe/status.
+  const m = text.trim().match(/^([\w@./-]+)\s*(<=|>=|<|>|==?)\s*(-?[\d.eE+-]+)$/);
+  if (!m) return (r) => !text.trim() || [r.id, r.recipe, r.status].some((v) => String(v || "").includes(text.trim()));
+  const [, key, op, num] = m, x = +num;
+  const cmp = {"<": (a) => a < x, "<=": (a) => a <= x, ">": (a) => a > x, ">=": (a) => a >= x, "=": (a) => a === x, "==": (a) => a === x}[op];
+  return (r) => isNum((r.last_metrics || {})[key]) && cmp(r.last_metrics[key]);
+}
+
 async function pageRuns(main, params) {
+  const filter = h("input", {id: "run-filter", type: "search", placeholder: "filter: name, or loss<0.5", value: params.filter || "", style: "width:260px",
+    onchange: (e) => { location.hash = `#/runs?${q({filter: e.target.value})}`; }});
+  main.append(h("h2", {}, "Runs"), h("div", {class: "controls"}, filter));
   const table = h("table", {id: "runs-table"}, h("tr", {}, ["run", "status", "recipe", "last step", "last metrics", "notes"].map((t) => h("th", {}, t))));
-  for (const r of RUNS) {
+  for (const r of RUNS.filter(runFilter(params.filter || ""))) {
     const last = r.last_metrics || {};
     const notes = [r.error, r.config_error, ...(r.warnings || [])].filter(Boolean);
     table.append(h("tr", {"data-run": r.id, style: "cursor:pointer", onclick: () => { location.hash = `#/runs?${q({run: r.id})}`; }},
@@ -96,7 +108,7 @@ async function pageRuns(main, params) {
       h("td", {}, mainMetrics(last).map((k) => `${k}=${fmt(last[k])}`).join("  ")),
       h("td", {}, notes.map((n) => h("div", {class: r.error ? "error" : "warn"}, n)))));
   }
-  main.append(h("h2", {}, "Runs"), table);
+  main.append(table);
   const r = RUNS.find((x) => x.id === params.run);
   if (!r) return;
   const sec = h("section", {id: "run-detail"}, h("h3", {}, r.id), h("div", {}, r.path, " — ", h("span", {class: `status ${r.status}`}, r.status), " ", r.why));
