@@ -4,6 +4,7 @@ and no forgery (operators, patched builtins or unittest, early exits) turns a wr
 import os
 import shutil
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -162,66 +163,140 @@ def test_home_directory_is_hidden(grader):
     assert not result.passed and "FileNotFoundError" in result.reason, result
 
 
-ALWAYS_EQUAL = "class Same:\n    def __eq__(self, other):\n        return True\n    __ne__ = lambda self, other: False\n"
-ALWAYS_EQUAL_INT = "class Same(int):\n    def __eq__(self, other):\n        return True\n    __ne__ = lambda self, other: False\n"
-# Each forgery returns a wrong answer (0, or an object standing in for one) and hides it; every one
-# of them passed under the previous harness or would pass without one of its defences.
+def _code(text: str) -> str:
+    return textwrap.dedent(text).lstrip("\n")
+
+
+ALWAYS_EQUAL = _code("""
+    class Same:
+        def __eq__(self, other):
+            return True
+        __ne__ = lambda self, other: False
+""")
+ALWAYS_EQUAL_INT = ALWAYS_EQUAL.replace("class Same:", "class Same(int):")
+PROMPT_HELPER_TASK = CodeTask(
+    task_id="adversarial/prompt_helper",
+    prompt="",
+    entry_point="half",
+    prefix="def double(x):\n    return 2 * x\n\n",
+    test="assert half(double(7)) == 7\n",
+    reference="def half(x):\n    return x // 2\n",
+)
+CALLBACK_TASK = CodeTask(  # like MBPP/861 and /864, the test hands the candidate a lambda
+    task_id="adversarial/apply",
+    prompt="",
+    entry_point="apply",
+    test="assert apply(lambda x: x + 1, 2) == 3\n",
+    reference="def apply(f, x):\n    return f(x)\n",
+)
+# Each forgery returns a wrong answer (0, or an object standing in for one) and hides it; each
+# passed under the previous harness or would pass without one of its defences.
 FORGERIES = {
     "eq_always_true": (TASK, ALWAYS_EQUAL + "def add(a, b):\n    return Same()\n", "forged comparison: Same.__eq__"),
     "int_subclass_eq": (TASK, ALWAYS_EQUAL_INT + "def add(a, b):\n    return Same(0)\n", "forged comparison"),
-    "borrowed_c_operator": (TASK, "class Same(int):\n    __eq__ = int.__ne__\ndef add(a, b):\n    return Same(0)\n",
-                            "forged comparison: Same.__eq__"),
-    "metaclass_disguise": (  # its class claims to equal int, to pass for a plain type in a set lookup
-        TASK, "class Meta(type):\n    __eq__ = lambda cls, other: True\n    __hash__ = lambda cls: hash(int)\n"
-        "class Same(metaclass=Meta):\n    __eq__ = lambda self, other: True\n"
-        "def add(a, b):\n    return Same()\n", "forged comparison: Same.__eq__"),
-    "forged_list_elements": (PAIR_TASK, ALWAYS_EQUAL + "def pair(a, b):\n    return [Same(), Same()]\n", "forged comparison"),
-    "forged_sub": (FLOAT_TASK, "class Zero:\n    __sub__ = lambda self, other: 0.0\ndef add(a, b):\n    return Zero()\n",
-                   "forged comparison: Zero.__sub__"),
-    "patch_builtins_abs": (FLOAT_TASK, "import builtins\nbuiltins.abs = lambda x: 0\ndef add(a, b):\n    return 0.0\n",
-                           "tampered with the test machinery (builtins.abs)"),
-    "patch_builtins_isinstance_in_call": (
-        TASK, "import builtins\ndef add(a, b):\n    builtins.isinstance = lambda *a: True\n    return a + b\n",
-        "tampered with the test machinery (builtins.isinstance)"),
-    "patch_verdict_encoder": (
-        TASK, "import json\njson.dumps = lambda *a, **k: '{\"passed\": true, \"reason\": \"passed\", \"tests\": 1, \"failures\": 0}'\n"
-        "def add(a, b):\n    return 0\n", "tampered with the test machinery (json.dumps)"),
-    "patch_harness_via_main": (
-        FLOAT_TASK, "import __main__, builtins\n__main__._tampered = lambda before: None\nbuiltins.abs = lambda x: 0\n"
-        "def add(a, b):\n    return 0.0\n", "tampered with the test machinery (builtins.abs)"),
-    "redefine_prompt_helper": (
-        CodeTask(task_id="adversarial/prompt_helper", prompt="", entry_point="half",
-                 prefix="def double(x):\n    return 2 * x\n\n",
-                 test="assert half(double(7)) == 7\n", reference="def half(x):\n    return x // 2\n"),
-        "def half(x):\n    return x\ndouble = half  # the test's helper now agrees with a wrong half\n",
-        "AssertionError"),
-    "replace_operator_check_via_callback": (  # MBPP/861 and /864 hand the candidate a lambda
-        CodeTask(task_id="adversarial/apply", prompt="", entry_point="apply",
-                 test="assert apply(lambda x: x + 1, 2) == 3\n", reference="def apply(f, x):\n    return f(x)\n"),
-        "def apply(f, x):\n    f.__globals__['__jaxrl_operate__'] = lambda op, a, b: True\n    return 0\n",
-        "tampered with the test machinery (the tests' operator check)"),
+    "borrowed_c_operator": (TASK, _code("""
+        class Same(int):
+            __eq__ = int.__ne__
+        def add(a, b):
+            return Same(0)
+    """), "forged comparison: Same.__eq__"),
+    "metaclass_disguise": (TASK, _code("""
+        class Meta(type):  # claims to equal int, to pass for a plain type in a set lookup
+            __eq__ = lambda cls, other: True
+            __hash__ = lambda cls: hash(int)
+        class Same(metaclass=Meta):
+            __eq__ = lambda self, other: True
+        def add(a, b):
+            return Same()
+    """), "forged comparison: Same.__eq__"),
+    "forged_list_elements": (PAIR_TASK, ALWAYS_EQUAL + "def pair(a, b):\n    return [Same(), Same()]\n",
+                             "forged comparison"),
+    "forged_sub": (FLOAT_TASK, _code("""
+        class Zero:
+            __sub__ = lambda self, other: 0.0
+        def add(a, b):
+            return Zero()
+    """), "forged comparison: Zero.__sub__"),
+    "patch_builtins_abs": (FLOAT_TASK, _code("""
+        import builtins
+        builtins.abs = lambda x: 0
+        def add(a, b):
+            return 0.0
+    """), "tampered with the test machinery (builtins.abs)"),
+    "patch_builtins_isinstance_in_call": (TASK, _code("""
+        import builtins
+        def add(a, b):
+            builtins.isinstance = lambda *a: True
+            return a + b
+    """), "tampered with the test machinery (builtins.isinstance)"),
+    "patch_verdict_encoder": (TASK, _code("""
+        import json
+        json.dumps = lambda *a, **k: '{"passed": true, "reason": "passed", "tests": 1, "failures": 0}'
+        def add(a, b):
+            return 0
+    """), "tampered with the test machinery (json.dumps)"),
+    "patch_harness_via_main": (FLOAT_TASK, _code("""
+        import __main__, builtins
+        __main__._tampered = lambda before: None
+        builtins.abs = lambda x: 0
+        def add(a, b):
+            return 0.0
+    """), "tampered with the test machinery (builtins.abs)"),
+    "redefine_prompt_helper": (PROMPT_HELPER_TASK, _code("""
+        def half(x):
+            return x
+        double = half  # the test's helper now agrees with a wrong half
+    """), "AssertionError"),
+    "replace_operator_check_via_callback": (CALLBACK_TASK, _code("""
+        def apply(f, x):
+            f.__globals__['__jaxrl_operate__'] = lambda op, a, b: True
+            return 0
+    """), "tampered with the test machinery (the tests' operator check)"),
     "sys_exit_in_call": (TASK, "import sys\ndef add(a, b):\n    sys.exit(0)\n", "SystemExit"),
     "raise_system_exit": (TASK, "raise SystemExit(0)\n", "SystemExit"),
     "os_exit_in_call": (TASK, "import os\ndef add(a, b):\n    os._exit(0)\n", "exited (code 0)"),
-    "kill_self_in_call": (TASK, "import os, signal\ndef add(a, b):\n    os.kill(os.getpid(), signal.SIGKILL)\n", "SIGKILL"),
-    "unittest_eq_forged": (UNITTEST_TASK, ALWAYS_EQUAL_INT + "def add(a, b):\n    return Same(0)\n", "forged comparison"),
-    "unittest_assert_patched": (
-        UNITTEST_TASK, "import unittest\nunittest.TestCase.assertEqual = lambda self, *a, **k: None\n"
-        "def add(a, b):\n    return 0\n", "AssertionError: 0 != 5"),
-    "unittest_assert_patched_then_restored": (
-        UNITTEST_TASK, "import unittest\noriginal = unittest.TestCase.assertEqual\n"
-        "class Restore:\n    def __del__(self):\n        unittest.TestCase.assertEqual = original\n"
-        "unittest.TestCase.assertEqual = lambda self, *a, **k: None\n"
-        "def add(a, b, _restore=[Restore()]):\n    _restore.clear()\n    return 0\n", "AssertionError: 0 != 5"),
-    "unittest_runner_patched": (
-        UNITTEST_TASK, "import unittest\nunittest.TestResult.wasSuccessful = lambda self: True\n"
-        "unittest.TextTestRunner.run = lambda self, test: unittest.TestResult()\n"
-        "def add(a, b):\n    return 0\n", "AssertionError: 0 != 5"),
-    "unittest_exc_info_patched": (
-        UNITTEST_TASK, "import sys\ndef add(a, b):\n    sys.exc_info = lambda: (None, None, None)\n    return 0\n",
-        "tampered with the test machinery (sys.exc_info)"),
-    "unittest_skip_from_solution": (
-        UNITTEST_TASK, "import unittest\ndef add(a, b):\n    raise unittest.SkipTest('skip me')\n", "SkipTest: skip me"),
+    "kill_self_in_call": (TASK, _code("""
+        import os, signal
+        def add(a, b):
+            os.kill(os.getpid(), signal.SIGKILL)
+    """), "SIGKILL"),
+    "unittest_eq_forged": (UNITTEST_TASK, ALWAYS_EQUAL_INT + "def add(a, b):\n    return Same(0)\n",
+                           "forged comparison"),
+    "unittest_assert_patched": (UNITTEST_TASK, _code("""
+        import unittest
+        unittest.TestCase.assertEqual = lambda self, *a, **k: None
+        def add(a, b):
+            return 0
+    """), "AssertionError: 0 != 5"),
+    "unittest_assert_patched_then_restored": (UNITTEST_TASK, _code("""
+        import unittest
+        original = unittest.TestCase.assertEqual
+        class Restore:
+            def __del__(self):
+                unittest.TestCase.assertEqual = original
+        unittest.TestCase.assertEqual = lambda self, *a, **k: None
+        def add(a, b, _restore=[Restore()]):
+            _restore.clear()
+            return 0
+    """), "AssertionError: 0 != 5"),
+    "unittest_runner_patched": (UNITTEST_TASK, _code("""
+        import unittest
+        unittest.TestResult.wasSuccessful = lambda self: True
+        unittest.TextTestRunner.run = lambda self, test: unittest.TestResult()
+        def add(a, b):
+            return 0
+    """), "AssertionError: 0 != 5"),
+    "unittest_exc_info_patched": (UNITTEST_TASK, _code("""
+        import sys
+        def add(a, b):
+            sys.exc_info = lambda: (None, None, None)
+            return 0
+    """), "tampered with the test machinery (sys.exc_info)"),
+    "unittest_skip_from_solution": (UNITTEST_TASK, _code("""
+        import unittest
+        def add(a, b):
+            raise unittest.SkipTest('skip me')
+    """), "SkipTest: skip me"),
     "unittest_sys_exit_in_test": (UNITTEST_TASK, "import sys\ndef add(a, b):\n    sys.exit(0)\n", "SystemExit"),
 }
 
@@ -242,26 +317,42 @@ def test_operators_under_test_and_stdlib_results_still_pass(grader):
         task_id="adversarial/honest_operators",
         prompt="",
         entry_point="Bag",
-        test=(
-            "import unittest, collections, datetime, decimal\n\nclass BagTest(unittest.TestCase):\n"
-            "    def test_bag(self):\n        bag = Bag(['a', 'a'])\n"
-            "        self.assertIn('a', bag)\n        self.assertNotIn('b', bag)\n        assert 'a' in bag\n"
-            "        self.assertEqual(bag, Bag(['a', 'a']))\n"
-            "        self.assertEqual(bag.counts(), {'a': 2})\n        assert bag.counts() == collections.Counter('aa')\n"
-            "        self.assertEqual(bag.when(), datetime.date(2024, 1, 2))\n"
-            "        self.assertAlmostEqual(bag.price(), decimal.Decimal('1.5'))\n"
-            "        self.assertEqual(bag.point(), (1, 2))\n"
-        ),
-        reference=(
-            "import collections, datetime, decimal\nPoint = collections.namedtuple('Point', 'x y')\n"
-            "class Bag:\n    def __init__(self, items):\n        self.items = list(items)\n"
-            "    def __contains__(self, item):\n        return item in self.items\n"
-            "    def __eq__(self, other):\n        return isinstance(other, Bag) and self.items == other.items\n"
-            "    def counts(self):\n        return collections.Counter(self.items)\n"
-            "    def when(self):\n        return datetime.date(2024, 1, 2)\n"
-            "    def price(self):\n        return decimal.Decimal('1.5')\n"
-            "    def point(self):\n        return Point(1, 2)\n"
-        ),
+        test=_code("""
+            import unittest, collections, datetime, decimal
+
+            class BagTest(unittest.TestCase):
+                def test_bag(self):
+                    bag = Bag(['a', 'a'])
+                    self.assertIn('a', bag)
+                    self.assertNotIn('b', bag)
+                    assert 'a' in bag
+                    self.assertEqual(bag, Bag(['a', 'a']))
+                    self.assertEqual(bag.counts(), {'a': 2})
+                    assert bag.counts() == collections.Counter('aa')
+                    self.assertEqual(bag.when(), datetime.date(2024, 1, 2))
+                    self.assertAlmostEqual(bag.price(), decimal.Decimal('1.5'))
+                    self.assertEqual(bag.point(), (1, 2))
+        """),
+        reference=_code("""
+            import collections, datetime, decimal
+            Point = collections.namedtuple('Point', 'x y')
+
+            class Bag:
+                def __init__(self, items):
+                    self.items = list(items)
+                def __contains__(self, item):
+                    return item in self.items
+                def __eq__(self, other):
+                    return isinstance(other, Bag) and self.items == other.items
+                def counts(self):
+                    return collections.Counter(self.items)
+                def when(self):
+                    return datetime.date(2024, 1, 2)
+                def price(self):
+                    return decimal.Decimal('1.5')
+                def point(self):
+                    return Point(1, 2)
+        """),
         kind="unittest",
         test_classes=("BagTest",),
     )

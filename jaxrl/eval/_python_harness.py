@@ -51,8 +51,12 @@ _type_flags = type.__dict__["__flags__"].__get__
 _type_name = type.__dict__["__name__"].__get__
 _HEAPTYPE = 1 << 9
 # Types are looked up by id: `cls in a_set` would run a candidate metaclass's __hash__/__eq__.
-_C_CALLABLES = frozenset(map(id, (type(object.__eq__), type(list.append), type(len), type(dict.__dict__["fromkeys"]))))
-_EXACT = frozenset(map(id, (type(None), bool, int, float, complex, str, bytes, range, type(...), type(NotImplemented))))
+_C_CALLABLES = frozenset(
+    map(id, (type(object.__eq__), type(list.append), type(len), type(dict.__dict__["fromkeys"])))
+)
+_EXACT = frozenset(
+    map(id, (type(None), bool, int, float, complex, str, bytes, range, type(...), type(NotImplemented)))
+)
 # The operators that receive the test's value, so a forged one can agree with any expected answer.
 # Unary ones (`__neg__`, `__float__`, `__bool__`, `__len__`, `__hash__`) cannot see it.
 _OPERATORS = (
@@ -252,7 +256,8 @@ def _guard_asserts(testcase):
 
     def guarded(method, membership):
         def check_then_assert(self, *args, **kwargs):
-            values = [*args, *(v for k, v in kwargs.items() if k not in ("msg", "places", "delta", "seq_type"))]
+            options = ("msg", "places", "delta", "seq_type")
+            values = [*args, *(v for k, v in kwargs.items() if k not in options)]
             if len(values) >= 2:
                 _check_pair(values[0], values[1], container=membership)
             return method(self, *args, **kwargs)
