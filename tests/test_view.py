@@ -243,6 +243,47 @@ def test_evaluation_tables_and_searchable_samples(page, server, shots):
     page.screenshot(path=shots / "evals.png")
 
 
+def test_human_play_twenty_steps_saved_and_compared_with_a_bot(page, server, runs_root, shots):
+    from jaxrl.envs.prospector import replay
+
+    _open(page, server, "play?seed=7&max_steps=40")
+    status = page.locator("#play-status")
+    playwright.expect(status).to_have_attribute("data-steps", "0")
+    assert page.locator("#actions button:disabled").count() > 0  # the mask greys some out
+    assert page.locator('#actions button[data-action="66"]').is_disabled()  # refuel when full
+    page.locator('#actions button[data-action="0"]').click()  # wait
+    page.locator('#actions button[data-action="14"]').click()  # scan sector 1
+    for _ in range(8):
+        page.keyboard.press("1")  # mine asteroid 0 at power 1
+    for key in ["ArrowRight", "ArrowLeft", "x", "s", "f", "r"]:
+        page.keyboard.press(key)  # a key whose action the mask forbids is not sent
+    page.wait_for_function("document.querySelector('#play-status').dataset.steps >= 3")
+    page.wait_for_timeout(500)
+    for _ in range(20 - int(status.get_attribute("data-steps"))):
+        page.keyboard.press("w")
+    playwright.expect(status).to_have_attribute("data-steps", "20")
+    page.screenshot(path=shots / "play.png")
+    page.select_option("#save-run", "sweep/lr1e-3")
+    page.select_option("#save-bot", "greedy_miner")
+    page.locator("#save").click()
+    playwright.expect(page.locator("#saved")).to_contain_text("saved 20 steps", timeout=30_000)
+    playwright.expect(page.locator("#saved")).to_contain_text("greedy_miner on the same seed")
+    replays = runs_root / "sweep" / "lr1e-3" / "replays"
+    human = sorted(replays.glob("human-seed7-*.jsonl"))
+    header, steps = replay.read(human[-1])
+    assert header["policy"] == "human" and header["seed"] == 7 and len(steps) == 20
+    assert [s["t"] for s in steps] == list(range(1, 21))
+    assert [s["action"] for s in steps[:3]] == [0, 14, 25 + 1]
+    bot_header, _ = replay.read(replays / "greedy_miner-seed7-T40.jsonl")
+    assert bot_header["seed"] == 7
+    page.locator("#watch-link").click()
+    playwright.expect(page.locator(".player canvas")).to_have_count(2)
+    playwright.expect(page.locator("#player")).to_have_attribute("data-total", "40")
+    page.locator("#scrub").fill("19")
+    playwright.expect(page.locator(".frame-info").nth(1)).to_contain_text("t=20")
+    page.screenshot(path=shots / "replays.png")
+
+
 def test_eval_prospector_plays_a_ppo_run_and_writes_its_replay(eval_run):
     from jaxrl.envs.prospector import replay
 
@@ -276,46 +317,6 @@ def test_replay_plays_to_its_end_streaming_pages(page, server, eval_run, shots):
     _open(page, server, "replays?run=eval&a=replays/future.jsonl")
     playwright.expect(page.locator("#message")).to_contain_text(
         "replay format prospector-replay/2 is newer than this jaxrl reads")
-
-
-def test_human_play_twenty_steps_saved_and_compared_with_a_bot(page, server, eval_run, shots):
-    from jaxrl.envs.prospector import replay
-
-    _open(page, server, "play?seed=7&max_steps=40")
-    status = page.locator("#play-status")
-    playwright.expect(status).to_have_attribute("data-steps", "0")
-    assert page.locator("#actions button:disabled").count() > 0  # the mask greys some out
-    assert page.locator('#actions button[data-action="66"]').is_disabled()  # refuel when full
-    page.locator('#actions button[data-action="0"]').click()  # wait
-    page.locator('#actions button[data-action="14"]').click()  # scan sector 1
-    for _ in range(8):
-        page.keyboard.press("1")  # mine asteroid 0 at power 1
-    for key in ["ArrowRight", "ArrowLeft", "x", "s", "f", "r"]:
-        page.keyboard.press(key)  # a key whose action the mask forbids is not sent
-    page.wait_for_function("document.querySelector('#play-status').dataset.steps >= 3")
-    page.wait_for_timeout(500)
-    for _ in range(20 - int(status.get_attribute("data-steps"))):
-        page.keyboard.press("w")
-    playwright.expect(status).to_have_attribute("data-steps", "20")
-    page.screenshot(path=shots / "play.png")
-    page.select_option("#save-run", "eval")
-    page.select_option("#save-bot", "greedy_miner")
-    page.locator("#save").click()
-    playwright.expect(page.locator("#saved")).to_contain_text("saved 20 steps", timeout=30_000)
-    playwright.expect(page.locator("#saved")).to_contain_text("greedy_miner on the same seed")
-    human = sorted((eval_run / "replays").glob("human-seed7-*.jsonl"))
-    header, steps = replay.read(human[-1])
-    assert header["policy"] == "human" and header["seed"] == 7 and len(steps) == 20
-    assert [s["t"] for s in steps] == list(range(1, 21))
-    assert [s["action"] for s in steps[:3]] == [0, 14, 25 + 1]
-    bot_header, _ = replay.read(eval_run / "replays" / "greedy_miner-seed7-T40.jsonl")
-    assert bot_header["seed"] == 7
-    page.locator("#watch-link").click()
-    playwright.expect(page.locator(".player canvas")).to_have_count(2)
-    playwright.expect(page.locator("#player")).to_have_attribute("data-total", "40")
-    page.locator("#scrub").fill("19")
-    playwright.expect(page.locator(".frame-info").nth(1)).to_contain_text("t=20")
-    page.screenshot(path=shots / "replays.png")
 
 
 def test_runs_page_shows_status_and_bad_dirs_readably(page, server, eval_run, shots):
