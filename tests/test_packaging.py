@@ -88,7 +88,8 @@ def settings():
 before = settings()
 import jaxrl
 for m in pkgutil.walk_packages(jaxrl.__path__, "jaxrl."):
-    importlib.import_module(m.name)
+    if not m.name.endswith(".__main__"):  # a CLI entry runs on import
+        importlib.import_module(m.name)
 print(json.dumps({"before": before, "after": settings()}))
 """
 
