@@ -1,5 +1,6 @@
 """Python grading: reference solutions pass, broken ones fail, pass@k, evaluate, cache, rewards."""
 
+import importlib.util
 import json
 import math
 import shutil
@@ -69,6 +70,9 @@ def test_mbpp_subset_references_pass_and_wrong_code_fails(grader, shared_data):
 
 
 def test_classeval_subset_references_pass_except_known_data_issues(grader, shared_data):
+    missing = [m for m in ("docx", "openpyxl", "gensim", "bs4", "nltk", "PyPDF2", "reportlab")
+               if importlib.util.find_spec(m) is None]
+    assert not missing, f"{missing} not installed: pip install -e '.[classeval]' (scripts/test.sh does)"
     tasks = load_classeval(shared_data)
     assert len(tasks) == 100
     # Every seventh task, the loader/harness fixes (45, 50, 97) and each task needing the extra.
