@@ -274,6 +274,8 @@ def test_human_play_twenty_steps_saved_and_compared_with_a_bot(page, server, run
     assert header["policy"] == "human" and header["seed"] == 7 and len(steps) == 20
     assert [s["t"] for s in steps] == list(range(1, 21))
     assert [s["action"] for s in steps[:3]] == [0, 14, 25 + 1]
+    warps = [s["action"] for s in steps if 1 <= s["action"] <= 12]
+    assert warps == [2, 1]  # → then ←: sector 1 and back to 0, each read after the step before
     bot_header, _ = replay.read(replays / "greedy_miner-seed7-T40.jsonl")
     assert bot_header["seed"] == 7
     page.locator("#watch-link").click()

@@ -511,9 +511,10 @@ async function pagePlay(main, params) {
     try { saved.replaceChildren(); update(await post("/api/play/new", {seed: +seed.value, max_steps: +maxSteps.value})); }
     catch (e) { showError(e); }
   }
-  function act(a) {
+  function act(choose) {  // an action, or a function of the game as it is when its turn comes
     queue = queue.then(async () => {
       if (!game || game.done) return;
+      const a = typeof choose === "function" ? choose(game) : choose;
       if (!game.mask[a]) { status.textContent = `${actionLabel(a)} is not valid now`; return; }
       try { update(await post(`/api/play/${game.sid}/step`, {action: a})); } catch (e) { showError(e); }
     });
@@ -522,11 +523,11 @@ async function pagePlay(main, params) {
   const keys = {w: 0, x: 65, f: 66, r: 67, u: 68};
   const onKey = (e) => {
     if (!game || e.target.tagName === "INPUT" || e.target.tagName === "SELECT") return;
-    const s = game.frame.ship.sector;
+    const here = (g) => g.frame.ship.sector;  // read when the queued step runs, not now
     let a = keys[e.key];
-    if (e.key === "ArrowRight") a = 1 + ((s + 1) % 12);
-    if (e.key === "ArrowLeft") a = 1 + ((s + 11) % 12);
-    if (e.key === "s") a = 13 + s;
+    if (e.key === "ArrowRight") a = (g) => 1 + ((here(g) + 1) % 12);
+    if (e.key === "ArrowLeft") a = (g) => 1 + ((here(g) + 11) % 12);
+    if (e.key === "s") a = (g) => 13 + here(g);
     if (/^[1-8]$/.test(e.key)) a = 25 + (+e.key - 1) * 4 + 1;  // mine asteroid n at power 1
     if (a !== undefined) { e.preventDefault(); act(a); }
   };
