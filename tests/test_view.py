@@ -215,6 +215,13 @@ def test_curves_refresh_live_while_a_run_writes(page, server, runs_root):
         f.write('ss": 0.69}\n')
     playwright.expect(legend).to_contain_text("(52 points)", timeout=10_000)
     playwright.expect(page.locator("#curve-warnings")).not_to_contain_text("incomplete")
+    tmp = metrics.with_suffix(".tmp")  # a resumed run rewrites the file (truncate_after)
+    tmp.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 11)))
+    os.replace(tmp, metrics)
+    playwright.expect(legend).to_contain_text("(10 points)", timeout=10_000)
+    with metrics.open("a") as f:
+        f.write("".join(json.dumps({"step": s, "loss": 0.7}) + "\n" for s in range(11, 53)))
+    playwright.expect(legend).to_contain_text("(52 points)", timeout=10_000)
     (metrics.parent / "checkpoints" / "52").mkdir()  # as SIGTERM leaves it: preempted
     for p in (metrics, metrics.parent / "checkpoints"):
         os.utime(p, (OLD, OLD))
