@@ -85,7 +85,8 @@ def runs_root(tmp_path_factory):
     bad = root / "broken"
     bad.mkdir()
     (bad / "config.yaml").write_text("recipe: ppo\nppo: [unclosed\n")
-    (bad / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 0.5}\n')
+    (bad / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 0.5}\n')
     for p in bad.iterdir():
         os.utime(p, (OLD, OLD))
     (root / "outside.txt").write_text("secret")
@@ -114,7 +115,8 @@ def eval_run(eval_future, runs_root):
 def server(runs_root, eval_future):
     cmd = [sys.executable, "-m", "jaxrl.view", str(runs_root / "sweep"), str(runs_root / "broken"),
            str(runs_root / "eval"), str(runs_root / "missing"), "--port", "0"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     first = []
     reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()), daemon=True)
     reader.start()
@@ -186,11 +188,13 @@ def test_two_runs_overlaid_with_smoothing_and_log_scale(page, server, shots):
     _open(page, server, "curves?runs=sweep/lr1e-3,sweep/lr3e-4&metric=loss")
     for run in ("sweep/lr1e-3", "sweep/lr3e-4"):
         page.wait_for_selector(f'#chart path.smooth[data-run="{run}"]', state="attached")
-        assert page.locator(f'#chart path.raw[data-run="{run}"]').get_attribute("stroke-opacity") == "0.25"
+        raw = page.locator(f'#chart path.raw[data-run="{run}"]')
+        assert raw.get_attribute("stroke-opacity") == "0.25"  # the raw line, faint
     smooth = page.locator('#chart path.smooth[data-run="sweep/lr1e-3"]').get_attribute("d")
     assert smooth.count("L") == 59  # one point per logged step
     page.locator("#smoothing").fill("0.95")
-    page.wait_for_function(f"document.querySelector('#chart path.smooth').getAttribute('d') != {smooth!r}")
+    page.wait_for_function(
+        f"document.querySelector('#chart path.smooth').getAttribute('d') != {smooth!r}")
     assert page.locator("#smooth-value").inner_text() == "0.95"
     page.screenshot(path=shots / "curves.png")
     page.locator("#smoothing").fill("0")
@@ -318,7 +322,8 @@ def test_replay_plays_to_its_end_streaming_pages(page, server, eval_run, shots):
     assert page.locator(".frame-info").inner_text().startswith("episode 0 t=30 action")
     drawn = page.evaluate("""() => { const c = document.querySelector('.player canvas');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-        const colours = new Set(); for (let i = 0; i < d.length; i += 4) colours.add(d[i] << 16 | d[i+1] << 8 | d[i+2]);
+        const colours = new Set();
+        for (let i = 0; i < d.length; i += 4) colours.add(d[i] << 16 | d[i+1] << 8 | d[i+2]);
         return colours.size; }""")
     assert drawn > 20  # ring, asteroids, gauges, text: not a blank canvas
     page.locator("#scrub").fill("10")

@@ -12,7 +12,8 @@ says; with replays, the agent and the bots can be watched on the same seed
 
   python -m jaxrl.launch configs/eval_prospector.yaml
   python -m jaxrl.launch configs/eval_prospector.yaml episodes=4096 env_impl=jax
-  python -m jaxrl.launch configs/eval_prospector.yaml "ppo_runs=[runs/ppo_prospector]" replay_episodes=2
+  python -m jaxrl.launch configs/eval_prospector.yaml "ppo_runs=[runs/ppo_prospector]" \
+      replay_episodes=2
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def load_ppo_policy(run_dir: str | Path):
                           "only PPO runs on prospector can play here.")
     ckpt_dir = getattr(cfg.run, "checkpoint_dir", "") or run_dir / "checkpoints"
     if not str(ckpt_dir).startswith("gs://") and not Path(ckpt_dir).is_dir():
-        raise ConfigError(f"ppo_runs: {run_dir} has no checkpoints ({ckpt_dir}) to load the agent from.")
+        raise ConfigError(f"ppo_runs: {run_dir} has no checkpoints ({ckpt_dir}) to load the "
+                          "agent from.")
     ppo = module.make_ppo(cfg)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),

@@ -84,7 +84,8 @@ def create_app(run_args: list[str]) -> FastAPI:
             try:
                 frames.append(json.loads(line))
             except json.JSONDecodeError:
-                raise ValueError(f"{file.name}: step line {start + i + 1} is not valid JSON") from None
+                raise ValueError(f"{file.name}: step line {start + i + 1} is not valid JSON"
+                                 ) from None
         return {"header": header, "total": total, "start": start, "frames": frames}
 
     @app.get("/")

@@ -10,7 +10,8 @@ File format ("prospector-replay/1"), one JSON object per line:
 `ship`/`sector`/`prices` are the state AFTER the action (before any auto-reset); `obs_summary`
 is decoded from the observation the policy acted on. `episode` i replays
 `evaluate.episode_keys(seed, episodes)[i]`, so for a deterministic policy (the bots) a replay's
-return equals `evaluate_policy`'s for the same seed.
+return equals `evaluate_policy`'s for the same seed. `write_policy_replays` writes one replay
+per named policy of the same episodes (the PPO recipe's agent beside the bots).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrl.envs.prospector import jax_env
+from jaxrl.envs.prospector import bots, jax_env
 from jaxrl.envs.prospector import spec as S
 from jaxrl.envs.prospector.evaluate import episode_keys
 
@@ -125,12 +126,13 @@ def stepper(params):
 
 
 def per_observation(policy_fn, policy_params: Any = None):
-    """A bot-style `policy_fn(key, obs, params) -> action` as a batched `act(key, obs[N], mask[N])`."""
+    """A bot-style `policy_fn(key, obs, params) -> action` as a batched `act(key, obs, mask)`."""
     per_obs = jax.vmap(policy_fn, in_axes=(0, 0, None))
     return lambda key, obs, mask: per_obs(jax.random.split(key, obs.shape[0]), obs, policy_params)
 
 
-def make_header(*, seed: int, episodes: int, max_steps: int, policy: str, env_impl: str = "jax") -> dict:
+def make_header(*, seed: int, episodes: int, max_steps: int, policy: str,
+                env_impl: str = "jax") -> dict:
     return {"format": FORMAT, "env_impl": env_impl, "seed": seed, "episodes": episodes,
             "max_steps": max_steps, "policy": policy}
 
@@ -138,7 +140,11 @@ def make_header(*, seed: int, episodes: int, max_steps: int, policy: str, env_im
 def record_act(path: str | Path, act, env, params, *, seed: int, episodes: int = 1,
                policy_name: str = "") -> Path:
     """Play `episodes` seeded episodes of a batched `act(key, obs[N, D], mask[N, A]) -> int[N]`
-    (the signature of PPO's evaluator) one env at a time, and write a replay."""
+    (the signature of PPO's evaluator) one env at a time, and write a replay.
+
+    `env` only names its core in the header: stepping uses the JAX core (`stepper`), which is
+    bit-identical to the C++ one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     act = jax.jit(act)
@@ -174,9 +180,8 @@ def record(path: str | Path, policy_fn, env, params, *, seed: int, episodes: int
 
 def bot_policies() -> dict:
     """The baseline bots (and random) as batched `act` functions, for `write_policy_replays`."""
-    from jaxrl.envs.prospector import bots
-
-    return {name: per_observation(fn) for name, fn in {**bots.BOTS, "random": bots.random_policy}.items()}
+    return {name: per_observation(fn)
+            for name, fn in {**bots.BOTS, "random": bots.random_policy}.items()}
 
 
 def write_policy_replays(run_dir: str | Path, policies: dict, env, params, *, seed: int,
@@ -209,7 +214,8 @@ def check_header(header, path) -> None:
     if fmt == FORMAT:
         return
     name, _, version = str(fmt).partition("/")
-    if name == FORMAT.split("/")[0] and version.isdigit() and int(version) > int(FORMAT.split("/")[1]):
+    ours, ours_version = FORMAT.split("/")
+    if name == ours and version.isdigit() and int(version) > int(ours_version):
         raise ValueError(f"{path}: replay format {fmt} is newer than this jaxrl reads ({FORMAT}); "
                          "upgrade jaxrl to view it")
     raise ValueError(f"{path}: not a {FORMAT} file (header: {json.dumps(header)[:80]})")
