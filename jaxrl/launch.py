@@ -16,7 +16,8 @@ import pkgutil
 import sys
 from pathlib import Path
 
-from jaxrl.core.config import ConfigError, build, dump, merge, parse_overrides, read_yaml
+from jaxrl.core.config import (ConfigError, DistributedConfig, build, dump, merge, parse_overrides,
+                               read_yaml)
 
 
 def _config_dir() -> Path:
@@ -55,10 +56,18 @@ def resolve_path(arg: str) -> Path:
     return CONFIG_DIR / path.name if path.parent == Path("configs") else path
 
 
-def load(config_arg: str, overrides: list[str]):
-    """-> (recipe module, typed config) with run.dir resolved. Touches no device."""
+def read_config(config_arg: str, overrides: list[str]) -> tuple[Path, dict]:
+    """-> (config path, YAML merged with the command line), untyped. Touches no device."""
     path = resolve_path(config_arg)
-    data = merge(read_yaml(path), parse_overrides(overrides))
+    return path, merge(read_yaml(path), parse_overrides(overrides))
+
+
+def load(config_arg: str, overrides: list[str]):
+    """-> (recipe module, typed config) with run.dir resolved.
+
+    Imports the recipe (and so its envs and models); call `init_distributed` first.
+    """
+    path, data = read_config(config_arg, overrides)
     if "recipe" not in data:
         raise ConfigError(f"{path}: missing top-level key 'recipe' (one of: "
                           f"{', '.join(recipe_names())}).")
@@ -69,11 +78,17 @@ def load(config_arg: str, overrides: list[str]):
     return module, cfg
 
 
-def init_distributed(cfg) -> None:
-    """Start jax.distributed before any device is touched (pods, clusters, local multi-process)."""
+def distributed_config(path: Path, data: dict) -> DistributedConfig:
+    """The `distributed:` section alone, typed and checked without importing any recipe."""
+    return build(DistributedConfig, data.get("distributed") or {}, source=str(path),
+                 prefix="distributed.")
+
+
+def init_distributed(dist: DistributedConfig) -> None:
+    """Start jax.distributed before anything touches a JAX backend (pods, clusters, local
+    multi-process). Recipes, envs and models are imported only after this."""
     import jax
 
-    dist = cfg.distributed
     if dist.local_device_count:
         jax.config.update("jax_num_cpu_devices", dist.local_device_count)
     timeouts = dict(heartbeat_timeout_seconds=dist.heartbeat_timeout_s,
@@ -96,6 +111,8 @@ def usage() -> str:
         lines.append(f"  {name:<20} {doc.splitlines()[0] if doc else ''}")
     lines += ["", f"Configs ({CONFIG_DIR}):"]
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        if "recipe" not in read_yaml(path):  # e.g. corpus manifests, run by `python -m jaxrl.data`
+            continue
         first = path.read_text().splitlines()[:1]
         about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
         lines.append(f"  {path.stem:<28} {about}")
@@ -120,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        module, cfg = load(positional[0] if positional else DEFAULT_CONFIG, overrides)
+        path, data = read_config(positional[0] if positional else DEFAULT_CONFIG, overrides)
+        dist = distributed_config(path, data)
         if print_only:
-            print(dump(cfg), end="")
+            print(dump(load(str(path), overrides)[1]), end="")
             return 0
-        init_distributed(cfg)
+        init_distributed(dist)
+        module, cfg = load(str(path), overrides)
         import jax
 
         from jaxrl.core.mesh import mesh_shape

@@ -133,9 +133,10 @@ def test_presets_have_gpt2_parameter_counts():
         model = nnx.eval_shape(lambda: GPT2(GPT2Config.preset(name), rngs=nnx.Rngs(0)))
         return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
-    # OpenAI's counts (tied embeddings) plus our one pad row of n_embd.
-    assert count("124M") == 124_439_808 + 768
-    assert count("350M") == 354_823_168 + 1024
+    # OpenAI's counts (tied embeddings) plus our pad row and the rows that pad the
+    # vocabulary to 50304 = 393 x 128 (so it shards over `tensor`): 47 rows of n_embd.
+    assert count("124M") == 124_439_808 + 47 * 768
+    assert count("350M") == 354_823_168 + 47 * 1024
     with pytest.raises(ConfigError, match="choose one of"):
         GPT2Config.preset("7B")
     with pytest.raises(ConfigError, match="divisible"):
@@ -222,3 +223,21 @@ def test_pad_is_never_predicted():
     probs = jax.nn.softmax(logits, axis=-1)
     assert float(probs[..., 63].max()) == 0.0
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_vocab_padded_to_128_is_never_predicted_and_shards_over_tensor():
+    from jaxrl.core.config import MeshConfig
+    from jaxrl.core.mesh import make_mesh, state_shardings
+
+    cfg = GPT2Config.preset("tiny", n_layer=1, n_embd=16, n_head=2, n_positions=8)
+    assert (cfg.vocab_size, cfg.embedding_rows) == (50258, 50304)
+    model = GPT2(cfg, rngs=nnx.Rngs(0))
+    logits = model(jnp.array([[1, 2, 3]]))
+    assert logits.shape == (1, 3, 50304)
+    never = np.asarray(logits)[..., [cfg.pad_id, *range(cfg.vocab_size, 50304)]]
+    assert (never == -1e9).all()
+    assert np.asarray(jnp.argmax(logits, -1) < cfg.pad_id).all()
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    wte = state_shardings(nnx.state(model, nnx.Param), mesh)["wte"]["embedding"].get_value()
+    assert tuple(wte.spec) == ("tensor", "fsdp")  # 50258 rows alone would not split over 2

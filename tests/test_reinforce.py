@@ -1,6 +1,8 @@
 """REINFORCE: baselines on hand-computed examples, response masks, the KL penalty, and a tiny
 GPT-2 whose mean sentiment reward rises under training."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,7 +149,9 @@ def test_tiny_gpt2_learns_to_be_positive(baseline, normalize):
                           baseline=baseline, normalize=normalize)
     state = init_state(tiny_model(tokenizer), optax.adam(3e-3))
     ref_params = jax.tree.map(jnp.copy, state.params)  # the step donates state.params
+    update_fn = jax.jit(functools.partial(update, cfg=cfg), donate_argnums=0)
     step, collector = make_train_step(env, state.graphdef, cfg, ref_params=ref_params,
+                                      update_fn=update_fn,
                                       guard=CollapseGuard(cfg, log=lambda _: None))
     history = []
     for i in range(20):

@@ -31,6 +31,7 @@ import optax
 from flax import nnx, struct
 
 from jaxrl.core.config import ConfigError
+from jaxrl.core.mesh import batch_sharding, replicated
 from jaxrl.envs.rollout import play_episodes
 
 
@@ -194,6 +195,19 @@ class PPO:
         if not self.has_action_mask:
             return None
         return jax.vmap(self.env.action_mask, in_axes=(0, None))(env_state, self.env_params)
+
+    def state_shardings(self, state: PPOState, mesh) -> PPOState:
+        """Envs (their states, observations, masks, episode counters) split over the mesh's
+        batch axes; params, optimizer state and counters replicated. Under `jit` the rollout
+        then steps each device's own envs and the loss's batch mean all-reduces gradients."""
+        envs, whole = batch_sharding(mesh, 1), replicated(mesh)
+        per_env = lambda tree: jax.tree.map(lambda _: envs, tree)  # noqa: E731
+        return state.replace(
+            params=jax.tree.map(lambda _: whole, state.params),
+            opt_state=jax.tree.map(lambda _: whole, state.opt_state),
+            env_state=per_env(state.env_state), obs=envs, action_mask=per_env(state.action_mask),
+            episode_return=envs, episode_length=envs, last_episode_return=envs,
+            last_episode_length=envs, update=whole)
 
     def init(self, key: jax.Array) -> PPOState:
         model_key, env_key = jax.random.split(key)

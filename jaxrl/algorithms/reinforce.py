@@ -25,7 +25,6 @@ Baselines (`ReinforceConfig.baseline`), on the total reward r of each completion
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Literal
 
@@ -312,22 +311,18 @@ class CollapseGuard:
 
 
 def make_train_step(env: TextEnv, graphdef: nnx.GraphDef, cfg: ReinforceConfig, *,
-                    ref_params: nnx.State | None,
-                    state_sharding=None, batch_sharding=None,
+                    ref_params: nnx.State | None, update_fn: Callable,
+                    batch_sharding=None,
                     guard: CollapseGuard | None = None) -> tuple[Callable, RolloutCollector]:
     """`step(state, None, key) -> (state, metrics)` for the core loop, and its collector.
 
     The step samples with `state.params` on the prompts of batch number `state.step`, scores on
-    the host, then runs the jitted, state-donating `update`. `batch_sharding(ndim)` gives the
-    sharding of rollout arrays on a mesh (None: one device).
+    the host, then runs `update_fn`: `update` compiled by `jaxrl.core.step.compile_step`
+    (state-donating, sharded). `batch_sharding(ndim)` places rollout arrays on the mesh
+    (None: one device).
     """
     collector = RolloutCollector(env, graphdef, cfg, ref_params=ref_params,
                                  batch_sharding=batch_sharding)
-    jitted_update = jax.jit(
-        functools.partial(update, cfg=cfg),
-        donate_argnums=0,
-        **({"out_shardings": (state_sharding, None)} if state_sharding is not None else {}),
-    )
     guard = guard or CollapseGuard(cfg)
 
     def step(state: TrainState, batch, key: jax.Array):
@@ -336,7 +331,7 @@ def make_train_step(env: TextEnv, graphdef: nnx.GraphDef, cfg: ReinforceConfig, 
         index = int(state.step)
         sample_key, update_key = jax.random.split(key)
         rollout = collector.collect(state.params, index, sample_key)
-        state, metrics = jitted_update(state, rollout, update_key)
+        state, metrics = update_fn(state, rollout, update_key)
         entropy, kl = jax.device_get((metrics["entropy"], metrics["kl"]))
         guard.check(index + 1, float(entropy), float(kl))
         return state, metrics

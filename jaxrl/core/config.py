@@ -33,9 +33,19 @@ class RunConfig:
     """Where outputs go and how the run is seeded."""
 
     dir: str = ""  # empty: runs/<config file stem>
+    # Any path etils.epath takes (local, NFS, gs://...); empty: <dir>/checkpoints. With several
+    # processes it must be one directory every process sees (checked at start-up).
+    checkpoint_dir: str = ""
     seed: int = 0
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     wandb_project: str = "jaxrl"
+    # After SIGTERM/SIGHUP, a process that reaches no step boundary in this long (stuck in a
+    # collective or a save) exits on its own, keeping the last complete checkpoint.
+    preemption_grace_s: float = 120.0
+
+    def validate(self):
+        if self.preemption_grace_s <= 0:
+            raise ConfigError(f"run.preemption_grace_s must be > 0, got {self.preemption_grace_s}.")
 
 
 @dataclasses.dataclass

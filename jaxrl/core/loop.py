@@ -12,27 +12,27 @@ with the train state, so an interrupted run continues with the same keys and bat
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from jaxrl.core import metrics as metrics_lib
-from jaxrl.core.checkpoint import Checkpointer
+from jaxrl.core.checkpoint import Checkpointer, require_shared
 from jaxrl.core.config import RecipeConfig, to_dict
 from jaxrl.core.mesh import shard_batch
+from jaxrl.core.preemption import PreemptionWatch
+from jaxrl.core.step import ShardedInit
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was saved. `jaxrl.launch` exits 0 on this."""
+    """SIGTERM / SIGHUP / a peer's preemption notice; a checkpoint was saved. `jaxrl.launch`
+    exits 0 on this."""
 
 
 class NonFiniteError(Exception):
@@ -45,6 +45,8 @@ class LoopResult:
     step: int
     last_metrics: dict
     eval_metrics: dict
+    trained_steps: int = 0  # steps this invocation ran (0: the checkpoint was already done)
+    timers: dict = field(default_factory=dict)  # seconds: compile_s, eval_s, checkpoint_s
 
 
 def train(
@@ -58,45 +60,74 @@ def train(
     mesh=None,
     tokens_per_step: int = 0,
 ) -> LoopResult:
-    """Run `cfg.loop.steps` steps of `step_fn`, resuming from `cfg.run.dir` if it holds a checkpoint.
+    """Run `cfg.loop.steps` steps of `step_fn`, resuming from the newest checkpoint if any.
 
-    `batches` yields host-local numpy pytrees; with `mesh` they are placed on it. If the
-    iterator has `get_state`/`set_state` (Grain iterators do), its position is checkpointed.
-    `eval_fn(state, step)` returns host metrics; it runs every `loop.eval_every` steps and at
-    the end.
+    Args:
+      state: a `core.step.ShardedInit` (a resumed run restores straight into its abstract
+        layout, so no second copy of the state is ever built), or a ready state.
+      step_fn: `(state, batch, key) -> (state, metrics)`, usually from `core.step.compile_step`.
+      batches: host-local numpy pytrees; with `mesh` they are placed on it. A Grain iterator's
+        position is checkpointed (per process) and restored.
+      eval_fn: `(state, step) -> host metrics`, every `loop.eval_every` steps and at the end;
+        never called on a state the NaN guard would reject.
+
+    Steps/s counts stepping only: the first (compiling) step, evaluations and checkpoint
+    writes are timed and logged apart (`time/compile_s`, `time/eval_s`, `time/checkpoint_s`).
     """
     loop = cfg.loop
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=loop.keep_checkpoints)
+    require_shared(checkpoint_dir(cfg))
+    ckpt = Checkpointer(checkpoint_dir(cfg), keep=loop.keep_checkpoints)
     writer = metrics_lib.MetricsWriter(run_dir, wandb_mode=cfg.run.wandb,
                                        wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
     step = 0
+    data = batches if hasattr(batches, "get_state") else None
     if ckpt.latest_step() is not None:
-        state, data_state, meta = ckpt.restore(state)
+        template = state.abstract if isinstance(state, ShardedInit) else state
+        state, _, meta = ckpt.restore(template, data=data)
         step = int(meta["step"])
-        if data_state and batches is not None and hasattr(batches, "set_state"):
-            batches.set_state(data_state)
         _log(f"resumed from {ckpt.directory} at step {step}")
+    elif isinstance(state, ShardedInit):
+        state = state()
     writer.truncate_after(step)  # also drops rows of a run killed before its first checkpoint
+    start_step = step
+    if step >= loop.steps:
+        _log(f"nothing left to train: the checkpoint is at step {step} and loop.steps="
+             f"{loop.steps}; raise loop.steps to train longer (evaluating only).")
+    saved = [ckpt.latest_step()]
+    timers = {"compile_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
 
     def save(at_step: int):
         if not _all_finite(state):
             raise NonFiniteError(_nonfinite_message(at_step, {"params": "NaN/Inf"}, ckpt))
-        data_state = batches.get_state() if hasattr(batches, "get_state") else None
-        ckpt.save(at_step, state, data=data_state, meta={"step": at_step})
+        began = time.perf_counter()
+        ckpt.save(at_step, state, data=data, meta={"step": at_step})
+        timers["checkpoint_s"] += time.perf_counter() - began
+        saved[0] = at_step
+
+    def evaluate(at_step: int) -> dict:
+        flush()  # metrics first: a NaN loss stops here, before eval sees the state
+        if not _all_finite(state):
+            raise NonFiniteError(_nonfinite_message(at_step, {"params": "NaN/Inf"}, ckpt))
+        began = time.perf_counter()
+        out = eval_fn(state, at_step)
+        timers["eval_s"] += time.perf_counter() - began
+        writer.write(at_step, {**out, "time/eval_s": time.perf_counter() - began})
+        return out
 
     pending: list[tuple[int, dict]] = []
     last: dict = {}
     evals: dict = {}
     evaluated_at = -1
     bar = _progress(loop.progress, loop.steps, step)
-    clock = time.perf_counter()
-    clock_step = step
+    # Where steps/s was last measured from: time, step, pause totals then.
+    clock = {"t": time.perf_counter(), "step": step, "paused": 0.0, "checkpoint_s": 0.0,
+             "compile_logged": False}
 
     def flush():
         """Bring pending step metrics to the host, check them, write their mean."""
-        nonlocal last, clock, clock_step
+        nonlocal last
         if not pending:
             return
         host = jax.device_get([m for _, m in pending])
@@ -107,26 +138,42 @@ def train(
                 raise NonFiniteError(_nonfinite_message(s, bad, ckpt))
         last = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
         now = time.perf_counter()
-        rate = (step - clock_step) / max(now - clock, 1e-9)
-        last["steps_per_sec"] = rate
-        if tokens_per_step:
-            last["tokens_per_sec"] = rate * tokens_per_step
-        clock, clock_step = now, step
-        writer.write(step, last)
+        paused = timers["eval_s"] + timers["checkpoint_s"]  # cumulative, excluded from steps/s
+        rate = (step - clock["step"]) / max(now - clock["t"] - (paused - clock["paused"]), 1e-9)
+        if step > clock["step"]:
+            last["steps_per_sec"] = rate
+            if tokens_per_step:
+                last["tokens_per_sec"] = rate * tokens_per_step
+        row = dict(last)
+        if timers["compile_s"] and not clock["compile_logged"]:
+            row["time/compile_s"] = timers["compile_s"]
+            clock["compile_logged"] = True
+        if timers["checkpoint_s"] > clock["checkpoint_s"]:
+            row["time/checkpoint_s"] = timers["checkpoint_s"] - clock["checkpoint_s"]
+        clock.update(t=now, step=step, paused=paused, checkpoint_s=timers["checkpoint_s"])
+        writer.write(step, row)
         if bar is not None:
             shown = sorted(last, key=lambda k: not any(w in k for w in metrics_lib.MAIN_CURVES))
             shown = shown[:3] + [k for k in ("tokens_per_sec",) if k in last]
             bar.set_postfix({k: f"{last[k]:.4g}" for k in shown}, refresh=False)
         pending.clear()
 
-    with _sigterm_flag() as preempted:
+    stuck_note = lambda: (f"The last complete checkpoint (step {saved[0]}) in {ckpt.directory} "  # noqa: E731
+                          "is kept." if saved[0] is not None else "No checkpoint was written yet.")
+    with PreemptionWatch(cfg.run.preemption_grace_s, stuck_note) as watch:
         try:
             while step < loop.steps:
                 batch = next(batches) if batches is not None else None
                 if batch is not None and mesh is not None:
                     batch = shard_batch(batch, mesh)
+                began = time.perf_counter()
                 state, step_metrics = step_fn(state, batch, jax.random.fold_in(key, step))
                 step += 1
+                if step == start_step + 1:  # the compiling step: timed alone, not in steps/s
+                    jax.block_until_ready(step_metrics)
+                    timers["compile_s"] = time.perf_counter() - began
+                    clock.update(t=time.perf_counter(), step=step,
+                                 paused=timers["eval_s"] + timers["checkpoint_s"])
                 pending.append((step, step_metrics))
                 if bar is not None:
                     bar.update(1)
@@ -134,23 +181,22 @@ def train(
                 if at_end or (loop.log_every and step % loop.log_every == 0):
                     flush()
                 if eval_fn is not None and loop.eval_every and step % loop.eval_every == 0:
-                    evals, evaluated_at = eval_fn(state, step), step
-                    writer.write(step, evals)
+                    evals, evaluated_at = evaluate(step), step
                 if loop.checkpoint_every and step % loop.checkpoint_every == 0 and not at_end:
                     flush()
                     save(step)
-                if _any_process(preempted[0], step, loop.log_every):
+                if watch.requested(step):
                     flush()
-                    if ckpt.latest_step() != step:
+                    if saved[0] != step:
                         save(step)
                     ckpt.wait()
-                    raise Preempted(f"SIGTERM: saved step {step} to {ckpt.directory}; "
+                    name = watch.signal_name or "preemption notice"
+                    raise Preempted(f"{name}: saved step {step} to {ckpt.directory}; "
                                     "re-run the same command to resume.")
             flush()
             if eval_fn is not None and evaluated_at != step:
-                evals = eval_fn(state, step)
-                writer.write(step, evals)
-            if ckpt.latest_step() != step:
+                evals = evaluate(step)
+            if saved[0] != step:
                 save(step)
             ckpt.wait()
         finally:
@@ -161,7 +207,13 @@ def train(
             writer.close()
     if jax.process_index() == 0 and writer.path.exists():
         metrics_lib.plot_metrics(writer.path, run_dir / "metrics.png")
-    return LoopResult(state=state, step=step, last_metrics=last, eval_metrics=evals)
+    return LoopResult(state=state, step=step, last_metrics=last, eval_metrics=evals,
+                      trained_steps=step - start_step, timers=timers)
+
+
+def checkpoint_dir(cfg: RecipeConfig) -> str:
+    """`run.checkpoint_dir`, or `<run.dir>/checkpoints` when it is empty."""
+    return cfg.run.checkpoint_dir or str(Path(cfg.run.dir) / "checkpoints")
 
 
 def _all_finite(tree) -> bool:
@@ -182,34 +234,6 @@ def _nonfinite_message(step: int, bad: dict, ckpt: Checkpointer) -> str:
     return (f"non-finite values at step {step}: {', '.join(f'{k}={v}' for k, v in bad.items())}. "
             f"Training stopped; {kept}. Lower the learning rate, enable gradient clipping or "
             "check the data, then re-run the same command to resume from the last good step.")
-
-
-@contextlib.contextmanager
-def _sigterm_flag():
-    """Yields a one-element list that becomes [True] when SIGTERM arrives."""
-    flag = [False]
-
-    def handler(signum, frame):
-        flag[0] = True
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: no preemption handling
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _any_process(flag: bool, step: int, every: int) -> bool:
-    """Single process: check every step. Multi-host: agree at log boundaries (one allgather)."""
-    if jax.process_count() == 1:
-        return flag
-    if every and step % every:
-        return False
-    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -34,7 +34,7 @@ class MetricsWriter:
         """Drop rows logged after `step` (they belong to work the resumed run will redo)."""
         if not (self.enabled and self.path.exists()):
             return
-        rows = [r for r in read_jsonl(self.path) if r.get("step", -1) <= step]
+        rows = [r for r in read_jsonl(self.path, drop_torn_tail=True) if r.get("step", -1) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, self.path)
@@ -62,9 +62,22 @@ def _plain(v):
     return v
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, *, drop_torn_tail: bool = False) -> list[dict]:
+    """Rows of a JSONL file. `drop_torn_tail`: a last line cut short by a crash mid-write is
+    dropped (with a note) instead of failing; a bad line anywhere else is always an error."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if drop_torn_tail and i == len(lines) - 1:
+                print(f"[jaxrl] {path}:{n}: dropping a torn last line (a crash mid-write).",
+                      flush=True)
+                break
+            raise ValueError(f"{path}:{n}: not a JSON row ({e}); fix or delete that line.") from None
+    return rows
 
 
 # Curves a reader looks at first; the rest follow alphabetically while panels remain.

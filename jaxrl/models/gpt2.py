@@ -54,6 +54,10 @@ class GPT2Config:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of matmuls; softmax and LayerNorm stats stay f32
     remat: bool = False  # recompute each block in the backward pass (saves activation memory)
+    # Embedding rows are padded up to a multiple of this so the vocab axis shards evenly over
+    # `tensor` (50258 -> 50304). Rows past vocab_size are never predicted; HF import and
+    # export read and write only the real rows.
+    pad_vocab_to: int = 128
 
     @classmethod
     def preset(cls, name: str, **overrides) -> GPT2Config:
@@ -74,6 +78,13 @@ class GPT2Config:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
         if not 0 <= self.pad_id < self.vocab_size:
             raise ConfigError(f"pad_id={self.pad_id} must index the embedding (vocab_size={self.vocab_size}).")
+        if self.pad_vocab_to < 1:
+            raise ConfigError(f"pad_vocab_to must be >= 1, got {self.pad_vocab_to}.")
+
+    @property
+    def embedding_rows(self) -> int:
+        """vocab_size rounded up to a multiple of pad_vocab_to: the logits' last dimension."""
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
 
     @property
     def head_dim(self) -> int:
@@ -210,7 +221,7 @@ class GPT2(nnx.Module):
         self.cfg = cfg
         param_dtype, dtype = _DTYPES[cfg.param_dtype], _DTYPES[cfg.dtype]
         self.wte = nnx.Embed(
-            cfg.vocab_size, cfg.n_embd, embedding_init=_normal(0.02, ("vocab", "embed")),
+            cfg.embedding_rows, cfg.n_embd, embedding_init=_normal(0.02, ("vocab", "embed")),
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )  # fmt: skip
         self.wpe = nnx.Embed(
@@ -244,7 +255,8 @@ class GPT2(nnx.Module):
           rngs: dropout randomness, an `nnx.Rngs` or a key.
 
         Returns:
-          logits [B, T, vocab_size] in float32, and the updated cache when one was given.
+          logits [B, T, embedding_rows] in float32 (ids >= vocab_size and the pad id are never
+          predicted), and the updated cache when one was given.
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -288,8 +300,10 @@ class GPT2(nnx.Module):
 
         x = self.ln_f(x)
         logits = self.wte.attend(x).astype(jnp.float32)
-        # Pad is an input-only token: the model never predicts it (finite, so masked losses stay 0).
-        logits = logits.at[..., cfg.pad_id].set(-1e9)
+        # Pad is an input-only token and rows past vocab_size only fill the tensor shards: the
+        # model never predicts either (finite, so masked losses stay 0).
+        ids = jnp.arange(cfg.embedding_rows)
+        logits = jnp.where((ids == cfg.pad_id) | (ids >= cfg.vocab_size), -1e9, logits)
         if cache is None:
             return logits
         return logits, KVCache(tuple(new_keys), tuple(new_values), key_real, cache.index + T)
@@ -346,6 +360,7 @@ def from_pretrained(path: str | Path, **overrides) -> GPT2:
     `overrides` go to `GPT2Config` (e.g. dtype="bfloat16", dropout=0.1). The embedding gains
     one row for the pad token (id = HF vocab size, 50257 for GPT-2), set to the mean embedding;
     it is never attended to, so its value only matters if a pad token's own logits are read.
+    Rows past it up to `embedding_rows` (shard padding) are zero and never predicted.
     """
     path = Path(path)
     if not (path / "config.json").exists():
@@ -376,9 +391,10 @@ def from_pretrained(path: str | Path, **overrides) -> GPT2:
     param_dtype = _DTYPES[cfg.param_dtype]
     for hf_name, ours in names.items():
         value = tensors[hf_name]
-        if hf_name == "wte.weight" and value.shape[0] < cfg.vocab_size:
-            extra = np.broadcast_to(value.mean(0), (cfg.vocab_size - value.shape[0], value.shape[1]))
-            value = np.concatenate([value, extra])
+        if hf_name == "wte.weight" and value.shape[0] < cfg.embedding_rows:
+            pad = np.broadcast_to(value.mean(0), (cfg.vocab_size - value.shape[0], value.shape[1]))
+            fill = np.zeros((cfg.embedding_rows - cfg.vocab_size, value.shape[1]), value.dtype)
+            value = np.concatenate([value, pad, fill])
         variable = state
         for key in ours:
             variable = variable[key]
@@ -392,7 +408,8 @@ def from_pretrained(path: str | Path, **overrides) -> GPT2:
 def save_pretrained(model: GPT2, path: str | Path) -> None:
     """Write `model` as a HF GPT-2 directory (model.safetensors + config.json).
 
-    The pad row is ours alone, so a trailing pad row is trimmed (50258 -> HF's 50257 rows);
+    The pad row and the shard-padding rows are ours alone, so they are trimmed (50304 -> HF's
+    50257 rows);
     `transformers.GPT2LMHeadModel.from_pretrained(path)` loads the result.
     """
     from safetensors.numpy import save_file

@@ -20,6 +20,8 @@ from jaxrl import envs
 from jaxrl.algorithms.ppo import PPO, PPOConfig, evaluate
 from jaxrl.core.config import ConfigError, RecipeConfig
 from jaxrl.core.loop import train
+from jaxrl.core.mesh import check_batch_size, make_mesh, replicated
+from jaxrl.core.step import compile_step, sharded_init
 from jaxrl.models.policy import ACTIVATIONS, ActorCritic
 
 
@@ -92,17 +94,17 @@ def make_ppo(cfg: Config) -> PPO:
     return PPO(env, env_params, make_model, cfg.ppo, num_updates=cfg.loop.steps)
 
 
-def make_evaluator(ppo: PPO, cfg: EvalConfig):
+def make_evaluator(ppo: PPO, cfg: EvalConfig, mesh):
     """Jitted `params -> returns[episodes]` on the fixed evaluation episodes."""
     reset_keys = jax.random.split(jax.random.PRNGKey(cfg.seed), cfg.episodes)
     max_steps = time_limit(ppo.env_params)
 
-    @jax.jit
     def returns(params):
         act = lambda k, obs, mask: ppo.act(params, k, obs, mask, greedy=cfg.greedy)  # noqa: E731
         return evaluate(ppo.env, ppo.env_params, act, reset_keys,
                         jax.random.PRNGKey(cfg.seed + 1), max_steps=max_steps)
 
+    returns = jax.jit(returns, out_shardings=replicated(mesh))  # every process reads them
     return lambda params: np.asarray(returns(params))
 
 
@@ -118,11 +120,13 @@ def baseline_returns(ppo: PPO, cfg: EvalConfig) -> dict[str, np.ndarray]:
 
 def run(cfg: Config) -> dict:
     ppo = make_ppo(cfg)
-    key = jax.random.PRNGKey(cfg.run.seed)
-    init_key, train_key = jax.random.split(key)
-    state = jax.jit(ppo.init)(init_key)
-    update = jax.jit(lambda state, batch, key: ppo.update(state, key), donate_argnums=0)
-    policy_returns = make_evaluator(ppo, cfg.eval)
+    mesh = make_mesh(cfg.mesh)
+    check_batch_size(cfg.ppo.num_envs, mesh, "ppo.num_envs")
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.run.seed))
+    init = sharded_init(lambda: ppo.init(init_key), mesh, shardings=ppo.state_shardings)
+    update = compile_step(lambda state, batch, key: ppo.update(state, key), mesh,
+                          init.shardings, batch_shardings=None)
+    policy_returns = make_evaluator(ppo, cfg.eval, mesh)
 
     def eval_fn(state, step):
         returns = policy_returns(state.params)
@@ -130,11 +134,14 @@ def run(cfg: Config) -> dict:
                 "eval_return_median": float(np.median(returns))}
 
     impl = getattr(ppo.env, "impl", "jax")
-    print(f"[ppo] env {cfg.env.name} ({impl} core), {cfg.loop.steps} updates x "
-          f"{ppo.env_steps_per_update} env steps", flush=True)
+    if jax.process_index() == 0:
+        print(f"[ppo] env {cfg.env.name} ({impl} core), {cfg.loop.steps} updates x "
+              f"{ppo.env_steps_per_update} env steps, {mesh.devices.size} devices in "
+              f"{jax.process_count()} process(es)", flush=True)
     start = time.perf_counter()
-    result = train(cfg, state=state, step_fn=update, key=train_key, eval_fn=eval_fn)
+    result = train(cfg, state=init, step_fn=update, key=train_key, eval_fn=eval_fn)
     seconds = time.perf_counter() - start
+    stepping = seconds - sum(result.timers.values())
 
     table = {"ppo": policy_returns(result.state.params)}
     if cfg.eval.baselines and cfg.env.name.lower() == "prospector":
@@ -145,8 +152,11 @@ def run(cfg: Config) -> dict:
         "env_impl": impl,
         "updates": result.step,
         "env_steps": env_steps,
-        "train_seconds": round(seconds, 1),  # incl. compile and evaluations
-        "env_steps_per_sec": round(env_steps / seconds),  # same: a floor on the raw rate
+        "train_seconds": round(seconds, 1),  # this invocation, incl. compile and evaluations
+        **({"compile_seconds": round(result.timers["compile_s"], 1),
+            # stepping only: no compile, evaluation or checkpoint time
+            "env_steps_per_sec": round(result.trained_steps * ppo.env_steps_per_update
+                                       / max(stepping, 1e-9))} if result.trained_steps else {}),
         "eval_policy": "greedy" if cfg.eval.greedy else "sampled",
         "eval_episodes": cfg.eval.episodes,
         "returns": {name: _stats(r) for name, r in table.items()},

@@ -10,20 +10,22 @@ appends a few samples to `<run dir>/samples.jsonl` (step 0 = before training).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxrl.algorithms.optimizer import OptimizerConfig, make_optimizer
-from jaxrl.algorithms.reinforce import ReinforceConfig, init_state, make_train_step
+from jaxrl.algorithms.reinforce import ReinforceConfig, init_state, make_train_step, update
 from jaxrl.core.config import ConfigError, RecipeConfig
 from jaxrl.core.checkpoint import Checkpointer
-from jaxrl.core.loop import train
-from jaxrl.core.mesh import (batch_sharding, check_batch_size, make_mesh, replicate,
-                             shard_state, state_shardings)
+from jaxrl.core.loop import checkpoint_dir, train
+from jaxrl.core.mesh import batch_sharding, check_batch_size, make_mesh, replicate, shard_state
+from jaxrl.core.step import compile_step, sharded_init
 from jaxrl.data.sources import load_prompts, resolve_path
 from jaxrl.data.tokenizer import Tokenizer
 from jaxrl.envs.text import LengthPenaltyConfig, SentimentReward, TextEnv
@@ -104,11 +106,13 @@ def run(cfg: Config) -> dict:
     check_batch_size(cfg.reinforce.prompts_per_step * cfg.reinforce.group_size, mesh,
                      "reinforce.prompts_per_step*group_size")
     check_batch_size(cfg.prompts.eval_prompts, mesh, "prompts.eval_prompts")
-    state = shard_state(init_state(model, make_optimizer(cfg.optimizer)), mesh)
-    ref_params = shard_state(jax.tree.map(lambda x: x.copy(), state.params), mesh)  # frozen
+    graphdef, weights = nnx.split(model)
+    tx = make_optimizer(cfg.optimizer)
+    init = sharded_init(lambda w: init_state(nnx.merge(graphdef, w), tx), mesh, weights)
+    ref_params = shard_state(nnx.state(model, nnx.Param), mesh)  # frozen
+    update_fn = compile_step(functools.partial(update, cfg=cfg.reinforce), mesh, init.shardings)
     step_fn, collector = make_train_step(
-        env, state.graphdef, cfg.reinforce, ref_params=ref_params,
-        state_sharding=state_shardings(state, mesh),
+        env, init.abstract.graphdef, cfg.reinforce, ref_params=ref_params, update_fn=update_fn,
         batch_sharding=lambda ndim: batch_sharding(mesh, ndim))
     run_dir = Path(cfg.run.dir)
     eval_key = jax.random.key(cfg.run.seed + 1)  # the same key every eval: comparable samples
@@ -129,9 +133,10 @@ def run(cfg: Config) -> dict:
                 print(f"  {row['prompt']!r} -> {row['completion'][:160]!r}", flush=True)
         return metrics
 
-    existing = Checkpointer(run_dir / "checkpoints")
+    existing = Checkpointer(checkpoint_dir(cfg))
     fresh = existing.latest_step() is None
     existing.close()
+    state = init() if fresh else init  # a resumed run restores straight into init's layout
     initial = eval_fn(state, 0) if fresh else {}
     start = time.perf_counter()
     result = train(cfg, state=state, step_fn=step_fn, key=jax.random.key(cfg.run.seed),

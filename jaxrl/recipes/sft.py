@@ -20,8 +20,8 @@ from flax import nnx
 from jaxrl.algorithms.optimizer import OptimizerConfig, make_optimizer
 from jaxrl.core.config import ConfigError, RecipeConfig
 from jaxrl.core.loop import train
-from jaxrl.core.mesh import (batch_sharding, check_batch_size, make_mesh, replicate, replicated, shard_batch,
-                             shard_state, state_shardings)
+from jaxrl.core.mesh import check_batch_size, make_mesh, replicate, shard_batch
+from jaxrl.core.step import ShardedInit, compile_eval, compile_step, sharded_init
 from jaxrl.core.train_state import TrainState
 from jaxrl.data.lm import LMDataConfig, load_lm_data
 from jaxrl.data.tokenizer import Tokenizer
@@ -74,15 +74,38 @@ def eval_step(state: TrainState, batch: dict):
     return loss * count, count
 
 
-def init_model(cfg: Config) -> gpt2.GPT2:
+def match_vocabulary(cfg: Config, tokenizer: Tokenizer) -> Config:
+    """A model trained from scratch takes the data's vocabulary; a pretrained one must match it."""
+    vocab = (tokenizer.vocab_size, tokenizer.pad_id)
+    if cfg.init_from:
+        hf = json.loads((Path(cfg.init_from) / "config.json").read_text()) \
+            if (Path(cfg.init_from) / "config.json").is_file() else None
+        if hf is not None and hf["vocab_size"] + 1 != tokenizer.vocab_size:
+            raise ConfigError(f"init_from={cfg.init_from!r} has a vocabulary of {hf['vocab_size']} "
+                              f"ids but the data was tokenized with {tokenizer!r}; use data made "
+                              "with the model's tokenizer (GPT-2's), or train from scratch.")
+        return cfg
+    if (cfg.model.vocab_size, cfg.model.pad_id) == vocab:
+        return cfg
+    if jax.process_index() == 0:
+        print(f"[sft] model vocabulary follows the data's tokenizer: {tokenizer!r}", flush=True)
+    return dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
+
+
+def initial_state(cfg: Config, tx: optax.GradientTransformation, mesh) -> ShardedInit:
+    """Random init (born sharded), or the weights of `init_from` placed on the mesh."""
     if not cfg.init_from:
-        return gpt2.GPT2(cfg.model, rngs=nnx.Rngs(cfg.run.seed))
+        return sharded_init(
+            lambda: TrainState.create(gpt2.GPT2(cfg.model, rngs=nnx.Rngs(cfg.run.seed)), tx), mesh)
     path = Path(cfg.init_from)
     if not (path / "config.json").is_file():
         raise ConfigError(f"init_from={cfg.init_from!r} is not a Hugging Face GPT-2 directory "
                           "(config.json + model.safetensors or pytorch_model.bin).")
-    return gpt2.from_pretrained(path, dropout=cfg.model.dropout, dtype=cfg.model.dtype,
-                                param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    model = gpt2.from_pretrained(path, dropout=cfg.model.dropout, dtype=cfg.model.dtype,
+                                 param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    graphdef, weights = nnx.split(model)
+    return sharded_init(lambda w: TrainState.create(nnx.merge(graphdef, w), tx), mesh, weights)
 
 
 def run(cfg: Config) -> dict:
@@ -91,17 +114,12 @@ def run(cfg: Config) -> dict:
                           f"{cfg.model.n_positions}.")
     mesh = make_mesh(cfg.mesh)
     check_batch_size(cfg.data.batch_size, mesh, "data.batch_size")
-    tokenizer = Tokenizer.gpt2()
-    data = load_lm_data(cfg.data, tokenizer)
-    tx = make_optimizer(cfg.optimizer)
-    state = shard_state(TrainState.create(init_model(cfg), tx), mesh)
-    shardings = state_shardings(state, mesh)
-    tokens = batch_sharding(mesh)
-    batch_shardings = {k: tokens for k in ("tokens", "targets", "loss_mask", "attention_mask")}
-    step_fn = jax.jit(train_step, in_shardings=(shardings, batch_shardings, replicated(mesh)),
-                      out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
-    evaluate = jax.jit(eval_step, in_shardings=(shardings, batch_shardings),
-                       out_shardings=replicated(mesh))
+    data = load_lm_data(cfg.data)  # GPT-2's tokenizer, or a shard directory's own
+    tokenizer = data.tokenizer
+    cfg = match_vocabulary(cfg, tokenizer)
+    init = initial_state(cfg, make_optimizer(cfg.optimizer), mesh)
+    step_fn = compile_step(train_step, mesh, init.shardings)
+    evaluate = compile_eval(eval_step, mesh, init.shardings)
     run_dir = Path(cfg.run.dir)
 
     def eval_fn(state, step):
@@ -120,7 +138,7 @@ def run(cfg: Config) -> dict:
         return {"val_loss": val_loss, "val_ppl": float(np.exp(val_loss))}
 
     start = time.perf_counter()
-    result = train(cfg, state=state, step_fn=step_fn, key=jax.random.key(cfg.run.seed),
+    result = train(cfg, state=init, step_fn=step_fn, key=jax.random.key(cfg.run.seed),
                    batches=data.train_iterator(), eval_fn=eval_fn, mesh=mesh,
                    tokens_per_step=cfg.data.batch_size * cfg.data.seq_len)
     final = replicate(result.state.replace(opt_state=None), mesh)  # collective: all processes

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrl.envs.prospector import spec as S
 
@@ -65,7 +66,7 @@ class View:
         return S.A_MINE + a * S.N_DRILL_POWERS + power
 
 
-BASE = jnp.array(S.ORE_BASE_PRICE, jnp.int32)
+BASE = np.array(S.ORE_BASE_PRICE, np.int32)  # NumPy: no JAX backend at import
 
 
 def _first(*pairs):
@@ -93,7 +94,7 @@ def greedy_miner(key, obs, params=None):
     home = v.nearest(v.is_station)
     # Priciest ore here that is not known to be barren, at full power (or what fuel allows).
     worth = jnp.where((v.ast_left > 0) & ~(v.ast_known & (v.ast_rich == 0)),
-                      BASE[v.ast_ore] * 4 + v.ast_left // 8, -1)
+                      jnp.asarray(BASE)[v.ast_ore] * 4 + v.ast_left // 8, -1)
     target = jnp.argmax(worth)
     power = jnp.clip(v.fuel - 1, 0, 3)
     go_home = (v.free == 0) | (v.fuel < v.warp_cost(home) + 5) | (v.hull < 25)
@@ -112,7 +113,7 @@ def cautious_scanner(key, obs, params=None):
     v = View(obs)
     home = v.nearest(v.is_station)
     safe = v.hazard <= 1
-    value = jnp.where(v.ast_known & (v.ast_left > 0), v.ast_rich * BASE[v.ast_ore], 0)
+    value = jnp.where(v.ast_known & (v.ast_left > 0), v.ast_rich * jnp.asarray(BASE)[v.ast_ore], 0)
     target = jnp.argmax(value)
     go_home = (v.free <= 4) | (v.fuel < v.warp_cost(home) + 8) | (v.hull < 70)
     here_unscanned = ~v.scanned[v.sector] & (v.live[v.sector] > 0)
@@ -137,7 +138,7 @@ def market_timer(key, obs, params=None):
     v = View(obs)
     station_sectors = jnp.array(S.STATION_SECTORS)
     value = jnp.where(v.ast_left > 0,
-                      jnp.where(v.ast_known, v.ast_rich * 2, 3) * BASE[v.ast_ore], -1)
+                      jnp.where(v.ast_known, v.ast_rich * 2, 3) * jnp.asarray(BASE)[v.ast_ore], -1)
     target = jnp.argmax(value)
     # The station where the cargo fetches most (net of fuel to get there), and whether here
     # is good enough: every carried ore at or above its mean price.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxrl.envs.prospector import spec as S
@@ -74,11 +75,13 @@ def scan_fuel(dist):
     return 1 + (dist >> 1)
 
 
-STATION_OF_SECTOR = jnp.array(
-    [S.STATION_SECTORS.index(k) if k in S.STATION_SECTORS else -1 for k in range(S.N_SECTORS)], I32
-)
-STATION_SECTORS = jnp.array(S.STATION_SECTORS, I32)
-BASE_PRICE = jnp.array(S.ORE_BASE_PRICE, I32)
+# NumPy, not jnp: a module-level jnp array would start a JAX backend at import (before
+# `jax.distributed.initialize` could run). Indexed with tracers through `jnp.asarray`.
+STATION_OF_SECTOR = np.array(
+    [S.STATION_SECTORS.index(k) if k in S.STATION_SECTORS else -1 for k in range(S.N_SECTORS)],
+    np.int32)
+STATION_SECTORS = np.array(S.STATION_SECTORS, np.int32)
+BASE_PRICE = np.array(S.ORE_BASE_PRICE, np.int32)
 
 
 # ---- reset -----------------------------------------------------------------------------------
@@ -100,7 +103,7 @@ def reset_core(seed) -> ProspectorState:
     asteroids = ore | (richness << 2) | (units << S.AST_LEFT_SHIFT)
 
     m = jnp.arange(S.N_STATIONS * S.N_ORES, dtype=I32)
-    means = BASE_PRICE[m % S.N_ORES] * (75 + below(draw(base, S.R_MEAN + m), 51)) // 100
+    means = jnp.asarray(BASE_PRICE)[m % S.N_ORES] * (75 + below(draw(base, S.R_MEAN + m), 51)) // 100
     market = jnp.concatenate([means, means])
 
     ship = jnp.zeros(S.SHIP_WORDS, I32)
@@ -117,7 +120,7 @@ def action_mask(state: ProspectorState) -> jax.Array:
     sector, fuel, hull = ship[S.S_SECTOR], ship[S.S_FUEL], ship[S.S_HULL]
     cargo = ship[S.S_CARGO : S.S_CARGO + S.N_ORES]
     free = ship[S.S_CAP] - cargo.sum()
-    at_station = STATION_OF_SECTOR[sector] >= 0
+    at_station = jnp.asarray(STATION_OF_SECTOR)[sector] >= 0
     ks = jnp.arange(S.N_SECTORS, dtype=I32)
     dist = ring_distance(sector, ks)
     warp = (ks != sector) & (fuel >= warp_fuel(dist))
@@ -159,7 +162,7 @@ def step_core(state: ProspectorState, action, max_steps: int, invalid_penalty: i
     sector, fuel, hull = ship[S.S_SECTOR], ship[S.S_FUEL], ship[S.S_HULL]
     cargo = ship[S.S_CARGO : S.S_CARGO + S.N_ORES]
     prices, means = market[: S.N_STATIONS * S.N_ORES], market[S.N_STATIONS * S.N_ORES :]
-    station = STATION_OF_SECTOR[sector]
+    station = jnp.asarray(STATION_OF_SECTOR)[sector]
     st_off = jnp.maximum(station, 0) * S.N_ORES
 
     # Warp / scan.
@@ -261,7 +264,7 @@ def observe(state: ProspectorState, max_steps: int) -> jax.Array:
     t, sector, fuel, hull = ship[S.S_T], ship[S.S_SECTOR], ship[S.S_FUEL], ship[S.S_HULL]
     cargo = ship[S.S_CARGO : S.S_CARGO + S.N_ORES]
     used = cargo.sum()
-    station = STATION_OF_SECTOR[sector]
+    station = jnp.asarray(STATION_OF_SECTOR)[sector]
     at_station = station >= 0
     here_prices = jnp.where(at_station, prices[jnp.maximum(station, 0)], 0)
     ks = jnp.arange(S.N_SECTORS, dtype=I32)
@@ -283,7 +286,7 @@ def observe(state: ProspectorState, max_steps: int) -> jax.Array:
     ore, richness = ast & 3, (ast >> 2) & 3
     known = (ast & S.AST_KNOWN_BIT) != 0
     left = ast >> S.AST_LEFT_SHIFT
-    unit_value = jnp.where(known, richness * BASE_PRICE[ore], 0)
+    unit_value = jnp.where(known, richness * jnp.asarray(BASE_PRICE)[ore], 0)
     h_ore, h_known, h_rich = ore[sector], known[sector], richness[sector]
     ast_block = jnp.concatenate([
         (h_ore[:, None] == jnp.arange(S.N_ORES)).astype(jnp.float32),

@@ -1,0 +1,79 @@
+"""The one way to create, compile and place a step: every recipe goes through here.
+
+`sharded_init` creates the initial state already laid out on the mesh (`jax.eval_shape` ->
+shardings -> `jax.jit(init, out_shardings=...)`), so no single device ever holds the whole
+state, and keeps the abstract layout as the template a resumed run restores into (restoring
+into it holds no second copy of the state). `compile_step` jits a pure
+`step(state, batch, key) -> (state, metrics)` with the state's shardings in and out, the batch
+split over the mesh's batch axes, the key and metrics replicated, and the state donated.
+
+Shardings come from the logical axis names parameters carry (`jaxrl.core.mesh.RULES`);
+anything without names is replicated. A recipe whose state has other batch-shaped leaves
+(PPO's env states) passes its own `shardings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from jaxrl.core.mesh import batch_sharding, replicated, state_shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedInit:
+    """A jitted `() -> state` whose output is born sharded, and its abstract twin."""
+
+    fn: Callable[[], Any]
+    abstract: Any  # ShapeDtypeStruct leaves with shardings: the restore template
+    shardings: Any
+
+    def __call__(self):
+        return self.fn()
+
+
+def sharded_init(init_fn: Callable, mesh: Mesh, *args, shardings: Any = None) -> ShardedInit:
+    """Lay out `init_fn(*args)` on `mesh` without building it anywhere first.
+
+    `args` are arrays the state is made from (e.g. pretrained weights), passed to the jitted
+    init rather than closed over, so they are not baked into the program as constants.
+    `shardings`: a pytree of shardings, or a function `(abstract, mesh) -> shardings`; default:
+    from logical axis names, everything else replicated.
+    """
+    shapes = jax.eval_shape(init_fn, *args)
+    if shardings is None:
+        shardings = state_shardings(shapes, mesh)
+    elif callable(shardings):
+        shardings = shardings(shapes, mesh)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, shardings)
+    fn = jax.jit(init_fn, out_shardings=shardings)
+    return ShardedInit(fn=lambda: fn(*args), abstract=abstract, shardings=shardings)
+
+
+def compile_step(step_fn: Callable, mesh: Mesh, state_shardings: Any, *,
+                 batch_shardings: Any = "batch", donate: bool = True) -> Callable:
+    """`jax.jit(step_fn)` for the loop: state in and out with `state_shardings`, donated.
+
+    `batch_shardings`: "batch" (default) splits every batch leaf's leading axis over the
+    mesh's batch axes (data x fsdp); None for a step without a batch; or an explicit pytree.
+    """
+    if isinstance(batch_shardings, str):
+        batch_shardings = batch_sharding(mesh, 1)  # a prefix: leading axis split, rest whole
+    key_and_metrics = replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, key_and_metrics),
+                   out_shardings=(state_shardings, key_and_metrics),
+                   donate_argnums=(0,) if donate else ())
+
+
+def compile_eval(eval_fn: Callable, mesh: Mesh, state_shardings: Any, *,
+                 batch_shardings: Any = "batch") -> Callable:
+    """`jax.jit(eval_fn)` for `(state, batch) -> replicated results`; nothing is donated."""
+    if isinstance(batch_shardings, str):
+        batch_shardings = batch_sharding(mesh, 1)
+    return jax.jit(eval_fn, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=replicated(mesh))

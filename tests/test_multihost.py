@@ -1,0 +1,158 @@
+"""Several processes on one mesh: PPO like one process, shared checkpoints, preemption, stuck peers.
+
+Each test starts two local JAX processes x 4 CPU devices (the shape of a two-host pod slice)
+through `python -m jaxrl.launch`, as a user of `launch/` would.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import REPO, TINY_SFT_OVERRIDES, run_launch
+from jaxrl.core.checkpoint import Checkpointer
+from jaxrl.core.metrics import read_jsonl
+from jaxrl.core.preemption import EXIT_STUCK
+
+pytestmark = pytest.mark.multiprocess
+
+TINY_PPO = ["ppo_prospector", "loop.steps=3", "loop.log_every=1", "loop.progress=false",
+            "ppo.num_envs=16", "ppo.rollout_steps=16", "ppo.minibatches=2", "ppo.epochs=2",
+            "eval.episodes=8", "eval.baselines=false"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_pair(args, run_dirs, *extra):
+    """Two processes of one job; `run_dirs` is one dir (shared) or one per process."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    dirs = run_dirs if isinstance(run_dirs, (list, tuple)) else [run_dirs] * 2
+    return [subprocess.Popen(
+        [sys.executable, "-m", "jaxrl.launch", *args, f"run.dir={dirs[i]}",
+         f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2",
+         f"distributed.process_id={i}", "distributed.local_device_count=4", *extra],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+
+
+def finish(procs, timeout=600):
+    try:
+        return [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def wait_for_rows(procs, metrics, rows, timeout=300):
+    deadline = time.time() + timeout
+    while not (metrics.exists() and metrics.read_text().count("\n") >= rows):
+        assert all(p.poll() is None for p in procs), finish(procs)[0][-3000:]
+        assert time.time() < deadline, f"no {rows} metric rows in {timeout} s"
+        time.sleep(0.1)
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def test_default_ppo_job_on_two_processes_matches_one(tmp_path):
+    single = run_launch(*TINY_PPO, f"run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    procs = start_pair(TINY_PPO, tmp_path / "multi")
+    outs = finish(procs)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "8 devices in 2 process(es)" in outs[0]
+    assert len(losses(tmp_path / "multi")) == 3
+    assert losses(tmp_path / "multi") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    # one writer: process 1 logs nothing of its own
+    assert [r["step"] for r in read_jsonl(tmp_path / "multi" / "metrics.jsonl")
+            if "loss" in r] == [1, 2, 3]
+
+
+def test_ppo_cartpole_on_two_local_devices(tmp_path):
+    out = run_launch("configs/ppo_cartpole.yaml", "distributed.local_device_count=2",
+                     "loop.steps=2", f"run.dir={tmp_path}", "loop.progress=false",
+                     env={"XLA_FLAGS": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 devices in 1 process(es)" in out.stdout
+
+
+SFT = ["sft_gpt2_shakespeare", "loop.steps=24", "loop.checkpoint_every=8", "loop.eval_every=0",
+       "model.dropout=0.1", *TINY_SFT_OVERRIDES]
+
+
+def test_sigterm_to_both_processes_then_rerun_is_bitwise_identical(tmp_path, corpus):
+    """Dropout > 0, so the per-step keys are part of what must resume exactly."""
+    args = [*SFT, f"data.path={corpus}"]
+    straight = start_pair(args, tmp_path / "straight")
+    for p, out in zip(straight, finish(straight)):
+        assert p.returncode == 0, out[-3000:]
+
+    run = tmp_path / "resumed"
+    procs = start_pair(args, run)
+    wait_for_rows(procs, run / "metrics.jsonl", 5)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    outs = finish(procs, timeout=120)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+        assert "SIGTERM: saved step" in out, out[-3000:]
+    stopped = Checkpointer(run / "checkpoints").latest_step()
+    assert 0 < stopped < 24  # it stopped mid-run, at one step both agreed on
+    rerun = start_pair(args, run)
+    outs = finish(rerun)
+    for p, out in zip(rerun, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert f"resumed from {run / 'checkpoints'} at step {stopped}" in outs[0]
+
+    assert losses(run) == losses(tmp_path / "straight")  # bitwise, every step once
+    assert Checkpointer(run / "checkpoints").latest_step() == 24
+    exported = [load_file(d / "hf" / "model.safetensors") for d in (run, tmp_path / "straight")]
+    assert exported[0].keys() == exported[1].keys()
+    for name in exported[0]:
+        np.testing.assert_array_equal(exported[0][name], exported[1][name], err_msg=name)
+
+
+def test_checkpoint_dir_not_shared_fails_at_start_up(tmp_path, corpus):
+    """Two hosts with their own local disks: each gets its own run dir (and checkpoint dir)."""
+    procs = start_pair([*SFT, f"data.path={corpus}"], [tmp_path / "host0", tmp_path / "host1"])
+    for p, out in zip(procs, finish(procs, timeout=300)):
+        assert p.returncode == 2, out[-3000:]
+        assert "run.checkpoint_dir=" in out and "is not shared" in out, out[-3000:]
+        assert "gs://" in out  # names the fix
+    assert not list((tmp_path / "host0" / "checkpoints").glob("[0-9]*"))
+
+
+def test_sigterm_ends_a_process_stuck_in_a_collective(tmp_path, corpus):
+    """Peer stopped (SIGSTOP): the survivor blocks in a collective, yet SIGTERM still ends it."""
+    args = [*SFT, f"data.path={corpus}", "loop.steps=100000"]
+    procs = start_pair(args, tmp_path / "run", "run.preemption_grace_s=3",
+                       "distributed.heartbeat_timeout_s=300")
+    try:
+        wait_for_rows(procs, tmp_path / "run" / "metrics.jsonl", 3)
+        procs[1].send_signal(signal.SIGSTOP)
+        time.sleep(1.0)  # process 0 is now waiting on its peer
+        began = time.time()
+        procs[0].send_signal(signal.SIGTERM)
+        out = procs[0].communicate(timeout=60)[0]
+        elapsed = time.time() - began
+        assert procs[0].returncode == EXIT_STUCK, out[-3000:]
+        assert "no step boundary was reached" in out and "Re-run the same command" in out
+        assert elapsed < 30
+    finally:
+        procs[1].send_signal(signal.SIGCONT)
+        finish(procs, timeout=5)
