@@ -104,6 +104,16 @@ def init_distributed(dist: DistributedConfig) -> None:
         jax.distributed.initialize(**timeouts)  # coordinator and ids from the cluster metadata
 
 
+def check_processes(module, cfg) -> None:
+    """A recipe that cannot run on several processes says so (`SINGLE_PROCESS = "why"`)."""
+    import jax
+
+    reason = getattr(module, "SINGLE_PROCESS", None)
+    if reason and jax.process_count() > 1:
+        raise ConfigError(f"recipe {cfg.recipe!r} runs in one process, but this job has "
+                          f"{jax.process_count()}: {reason}.")
+
+
 def usage() -> str:
     lines = [__doc__.strip(), "", "Recipes:"]
     for name in recipe_names():
@@ -149,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         from jaxrl.core.mesh import mesh_shape
 
         mesh_shape(cfg.mesh, jax.device_count())
+        check_processes(module, cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

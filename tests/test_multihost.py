@@ -156,3 +156,39 @@ def test_sigterm_ends_a_process_stuck_in_a_collective(tmp_path, corpus):
     finally:
         procs[1].send_signal(signal.SIGCONT)
         finish(procs, timeout=5)
+
+
+PROBE = """
+import sys
+from types import SimpleNamespace
+from jaxrl import launch
+from jaxrl.core.config import ConfigError, DistributedConfig
+launch.init_distributed(DistributedConfig(coordinator=sys.argv[1], num_processes=2,
+                                          process_id=int(sys.argv[2]), local_device_count=1))
+for name in launch.recipe_names():
+    try:
+        launch.check_processes(launch.load_recipe(name, "probe"), SimpleNamespace(recipe=name))
+        print("RUNS", name, flush=True)
+    except ConfigError as e:
+        print("REFUSES", name, e, flush=True)
+"""
+
+
+def test_every_recipe_runs_on_several_processes_or_refuses():
+    """The runners are exactly the recipes shown above to run on two processes; each other
+    recipe refuses before any device work, with its reason."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-c", PROBE, f"127.0.0.1:{port}", str(i)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = finish(procs, timeout=300)
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:]
+    lines = [line.split(" ", 2) for line in outs[0].splitlines()
+             if line.startswith(("RUNS ", "REFUSES "))]
+    runs = {name for verdict, name, *_ in lines if verdict == "RUNS"}
+    refusals = {name: why for verdict, name, *why in lines if verdict == "REFUSES"}
+    assert runs == {"sft", "ppo"}  # tested above: test_sigterm_*, test_default_ppo_job_*
+    assert set(refusals) == {"reinforce", "eval_code", "prospector_eval"}
+    for name, (why,) in refusals.items():
+        assert f"recipe {name!r} runs in one process, but this job has 2" in why

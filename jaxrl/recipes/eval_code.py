@@ -25,6 +25,10 @@ from jaxrl.eval.passk import cvdp_pass_at_k, mean_pass_at_k, pass_at_k
 from jaxrl.eval.sandbox import Limits, Sandbox
 from jaxrl.eval.tasks import extract_code, load_tasks, truncate_at_stop
 
+# Refused with several processes (checked by `jaxrl.launch` before any device work).
+SINGLE_PROCESS = ("grading runs sandboxed programs on this host and writes one results "
+                  "file; run it on one host")
+
 
 @dataclasses.dataclass
 class SamplingConfig:

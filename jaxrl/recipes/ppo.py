@@ -29,11 +29,8 @@ from jaxrl.models.policy import ACTIVATIONS, ActorCritic
 class EnvConfig:
     name: str = "prospector"  # "prospector" or a gymnax name such as "CartPole-v1"
     env_impl: Literal["jax", "native", "auto"] = "auto"  # Prospector only: which core steps it
-
-    def validate(self):
-        if self.name not in envs.registered_envs():
-            raise ConfigError(f"env.name {self.name!r} unknown; choose one of "
-                              f"{', '.join(envs.registered_envs())}.")
+    # The name is checked in `make_env`, not here: listing gymnax's envs imports gymnax, which
+    # creates arrays at import, and validators must do no device work.
 
 
 @dataclasses.dataclass
@@ -70,6 +67,9 @@ class Config(RecipeConfig):
 
 
 def make_env(cfg: EnvConfig):
+    if cfg.name not in envs.registered_envs():
+        raise ConfigError(f"env.name {cfg.name!r} unknown; choose one of "
+                          f"{', '.join(envs.registered_envs())}.")
     if cfg.name.lower() == "prospector":
         return envs.make(cfg.name, env_impl=cfg.env_impl)
     return envs.make(cfg.name)

@@ -33,6 +33,10 @@ from jaxrl.envs.prospector import bots, replay
 from jaxrl.envs.prospector.evaluate import episode_keys, evaluate_policy, summarize
 from jaxrl.envs.rollout import play_episodes
 
+# Refused with several processes (checked by `jaxrl.launch` before any device work).
+SINGLE_PROCESS = ("the bots and replays are host-side episode loops on one host's "
+                  "devices; run it on one host")
+
 __all__ = ["Config", "run", "evaluate_policy", "summarize", "POLICIES"]
 
 POLICIES = {**bots.BOTS, "random": bots.random_policy}

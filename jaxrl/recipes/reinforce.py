@@ -32,6 +32,9 @@ from jaxrl.envs.text import LengthPenaltyConfig, SentimentReward, TextEnv
 from jaxrl.models import gpt2
 
 SFT_COMMAND = "python -m jaxrl.launch configs/sft_gpt2_shakespeare.yaml"
+# Refused with several processes (checked by `jaxrl.launch` before any device work).
+SINGLE_PROCESS = ("its rollout collector reads whole batches on the host; run it on one host "
+                  "(mesh settings still use all of that host's devices)")
 
 
 @dataclasses.dataclass
@@ -80,9 +83,6 @@ def load_policy(init_from: str) -> gpt2.GPT2:
 
 
 def run(cfg: Config) -> dict:
-    if jax.process_count() > 1:
-        raise ConfigError("reinforce runs in one process for now (its rollout collector reads "
-                          "whole batches on the host); use one host with mesh settings instead.")
     tokenizer = Tokenizer.gpt2()
     model = load_policy(cfg.init_from)
     if cfg.prompts.prefix_tokens + cfg.reinforce.max_new_tokens > model.cfg.n_positions:
