@@ -8,9 +8,10 @@ tpu_setup/requirements.txt (tpu_setup/setup_env.sh), then starts
 worker's `jax.distributed.initialize()` finds its peers from the TPU metadata.
 Each worker's output goes to LOG_DIR/<worker id>.log on this machine.
 
-  python launch/tpu_pod.py --tpu my-pod --zone us-central2-b \
+  python launch/tpu_pod.py --tpu my-pod --zone us-central2-b --checkpoint-dir gs://B/sft \
       configs/sft_gpt2_shakespeare.yaml loop.steps=1000
-  python launch/tpu_pod.py --dry-run --tpu my-pod --zone us-central2-b configs/ppo_cartpole.yaml
+  python launch/tpu_pod.py --dry-run --tpu my-pod --zone us-central2-b \
+      --checkpoint-dir gs://B/ppo configs/ppo_cartpole.yaml
 """
 
 from __future__ import annotations
@@ -94,14 +95,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for the job (repeatable)")
     parser.add_argument("--log-dir", help="local folder for per-worker logs (default: logs/TPU)")
+    parser.add_argument("--checkpoint-dir", help="a directory every worker sees, e.g. "
+                        "gs://BUCKET/RUN or an NFS mount (passed as run.checkpoint_dir; "
+                        "required unless an override sets it)")
     parser.add_argument("config", help="config path inside the repository "
                         "(e.g. configs/ppo_cartpole.yaml) or a config name")
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides for jaxrl.launch")
     args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.checkpoint_dir:
+        overrides.append(f"run.checkpoint_dir={args.checkpoint_dir}")
+    if not any(o.startswith("run.checkpoint_dir=") and o.partition("=")[2] for o in overrides):
+        parser.error("a pod needs one checkpoint directory every worker sees (each worker's "
+                     "disk is its own): pass --checkpoint-dir gs://BUCKET/RUN (or an NFS path); "
+                     "the job checks at start-up that all workers see it")
 
     log_dir = args.log_dir or f"logs/{args.tpu}"
     job = launch_command(".venv/bin/python", args.config,
-                         ["distributed.auto=true", *args.overrides], parse_env(args.env))
+                         ["distributed.auto=true", *overrides], parse_env(args.env))
     setup = [on_all_workers(args, install(args))] if args.sync != "none" else []
     commands = sync_commands(args) + setup + [
         ["mkdir", "-p", log_dir],

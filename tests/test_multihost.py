@@ -24,7 +24,7 @@ pytestmark = pytest.mark.multiprocess
 
 TINY_PPO = ["ppo_prospector", "loop.steps=3", "loop.log_every=1", "loop.progress=false",
             "ppo.num_envs=16", "ppo.rollout_steps=16", "ppo.minibatches=2", "ppo.epochs=2",
-            "eval.episodes=8", "eval.baselines=false"]
+            "eval.episodes=8", "eval.baselines=false", "eval.replays=1"]
 
 
 def _free_port() -> int:
@@ -76,6 +76,7 @@ def test_default_ppo_job_on_two_processes_matches_one(tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     assert "8 devices in 2 process(es)" in outs[0]
+    assert (tmp_path / "multi" / "replays" / "ppo.jsonl").exists()  # process 0 alone, no hang
     assert len(losses(tmp_path / "multi")) == 3
     assert losses(tmp_path / "multi") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
     # one writer: process 1 logs nothing of its own

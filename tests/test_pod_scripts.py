@@ -70,9 +70,11 @@ def in_shell(command: str, cwd: Path, **env: str) -> dict:
 def test_tpu_pod_dry_run_ships_repo_then_runs_config_on_every_worker(worker_home):
     commands = dry_run(TPU_POD, "--tpu", "my-pod", "--zone", "us-central2-b",
                        "--project", "my-proj", "--env", "WANDB_MODE=online",
+                       "--checkpoint-dir", "gs://bucket/my run",
                        "configs/gpt2 sft.yaml", "loop.steps=1000", "run.dir=/tmp/my run")
     job = ("cd jaxrl && env WANDB_MODE=online .venv/bin/python -m jaxrl.launch "
-           "'configs/gpt2 sft.yaml' distributed.auto=true loop.steps=1000 'run.dir=/tmp/my run'")
+           "'configs/gpt2 sft.yaml' distributed.auto=true loop.steps=1000 'run.dir=/tmp/my run' "
+           "'run.checkpoint_dir=gs://bucket/my run'")
     assert commands == [
         ["git", "-C", str(REPO), "archive", "--format=tar.gz",
          "--output=/tmp/jaxrl-src.tar.gz", "HEAD"],
@@ -86,22 +88,30 @@ def test_tpu_pod_dry_run_ships_repo_then_runs_config_on_every_worker(worker_home
     ]
     assert in_shell(job, worker_home) == {
         "argv": ["configs/gpt2 sft.yaml", "distributed.auto=true", "loop.steps=1000",
-                 "run.dir=/tmp/my run"],
+                 "run.dir=/tmp/my run", "run.checkpoint_dir=gs://bucket/my run"],
         "wandb": "online"}
 
 
 def test_tpu_pod_git_sync_and_home_relative_dir():
     commands = dry_run(TPU_POD, "--tpu", "p", "--zone", "z", "--sync", "git",
-                       "--remote-dir", "~/src/jaxrl", "--log-dir", "out", "configs/x.yaml")
+                       "--remote-dir", "~/src/jaxrl", "--log-dir", "out", "configs/x.yaml",
+                       "run.checkpoint_dir=/nfs/ckpt")
     ssh = [*GCLOUD_TPU, "ssh", "p", "--zone=z", "--worker=all", "--command"]
     assert commands == [
         [*ssh, "git -C src/jaxrl pull --ff-only && git -C src/jaxrl clean -fdx -e /.venv -e /runs"],
         [*ssh, "cd src/jaxrl && bash tpu_setup/setup_env.sh"],
         ["mkdir", "-p", "out"],
         [*ssh, "cd src/jaxrl && .venv/bin/python -m jaxrl.launch configs/x.yaml "
-               "distributed.auto=true",
+               "distributed.auto=true run.checkpoint_dir=/nfs/ckpt",
          "--output-directory=out"],
     ]
+
+
+def test_tpu_pod_requires_a_shared_checkpoint_dir():
+    out = subprocess.run([sys.executable, str(TPU_POD), "--dry-run", "--tpu", "p", "--zone", "z",
+                          "configs/ppo_cartpole.yaml"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "--checkpoint-dir gs://BUCKET/RUN" in out.stderr and "every worker" in out.stderr
 
 
 # --- TPU setup -----------------------------------------------------------------------
@@ -136,7 +146,8 @@ def test_setup_pod_ships_repo_and_runs_setup_env_on_every_worker():
 def test_deploy_leaves_no_file_of_an_earlier_version(tmp_path):
     """The archive deploy, run by bash in a worker home that holds an older checkout: only
     HEAD's files remain, beside the worker's own .venv and runs/."""
-    commands = dry_run(TPU_POD, "--tpu", "p", "--zone", "z", "configs/ppo_cartpole.yaml")
+    commands = dry_run(TPU_POD, "--tpu", "p", "--zone", "z", "--checkpoint-dir", "gs://b/r",
+                       "configs/ppo_cartpole.yaml")
     archive = tmp_path / "src.tar.gz"
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                           check=True).stdout.strip()  # fixed: others may commit meanwhile
@@ -271,7 +282,8 @@ def test_bad_arguments_exit_2_naming_the_problem(script, args, message):
 
 @pytest.mark.parametrize("script, args, program", [
     (CREATE_TPU, ["--name", "p", "--zone", "z", "--accelerator-type", "v4-8"], "gcloud"),
-    (TPU_POD, ["--tpu", "p", "--zone", "z", "--sync", "none", "c.yaml"], "gcloud"),
+    (TPU_POD, ["--tpu", "p", "--zone", "z", "--sync", "none", "--checkpoint-dir", "gs://b/r",
+               "c.yaml"], "gcloud"),
     (GPU_CLUSTER, ["--hosts", "gpu0,gpu1", "c.yaml"], "ssh"),
 ])
 def test_missing_program_fails_before_running_anything(tmp_path, script, args, program):

@@ -52,6 +52,9 @@ class EvalConfig:
     seed: int = 1000  # episode i resets from split(PRNGKey(seed), episodes)[i], for every policy
     greedy: bool = False  # False: sample from the policy (as trained); True: argmax action
     baselines: bool = True  # Prospector: also play the three bots on the same episodes
+    # Prospector: replays of the first N evaluation episodes for PPO and the best bot, to
+    # watch in `python -m jaxrl.view RUN_DIR` (0: none).
+    replays: int = 0
 
     def validate(self):
         if self.episodes < 1:
@@ -167,9 +170,28 @@ def run(cfg: Config) -> dict:
         summary["ppo_minus_best_bot"] = round(float(table["ppo"].mean() - table[best_bot].mean()), 2)
         summary["ppo_beats_all_bots"] = all(
             table["ppo"].mean() > r.mean() for n, r in table.items() if n != "ppo")
+    if cfg.eval.replays and cfg.env.name.lower() == "prospector":
+        summary["replays"] = write_replays(ppo, cfg, result.state.params)
     if jax.process_index() == 0:
         print(format_table(summary), flush=True)
     return summary
+
+
+def write_replays(ppo: PPO, cfg: Config, params) -> list[str]:
+    """Prospector replays of PPO and the market-timer bot on the first evaluation episodes.
+
+    Process 0 alone, on a host copy of the (replicated) params, so no collective is needed.
+    """
+    if jax.process_index() != 0:
+        return []
+    from jaxrl.envs.prospector import replay
+
+    params = jax.device_get(params)
+    act = lambda k, obs, mask: ppo.act(params, k, obs, mask, greedy=cfg.eval.greedy)  # noqa: E731
+    policies = {"ppo": act, "market_timer": replay.bot_policies()["market_timer"]}
+    paths = replay.write_policy_replays(cfg.run.dir, policies, ppo.env, ppo.env_params,
+                                        seed=cfg.eval.seed, episodes=cfg.eval.replays)
+    return [str(p) for p in paths]
 
 
 def _stats(returns: np.ndarray) -> dict[str, float]:
