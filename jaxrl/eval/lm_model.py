@@ -1,0 +1,142 @@
+"""The model interface every LM evaluation takes, and its adapter for Flax NNX language models.
+
+Evaluations (`zeroshot`, `perplexity`, `niah`, `continual`) see a model only through
+`LanguageModel`, so GPT-2, HOPE or anything else plugs in by providing three things:
+
+    max_length   longest input the model takes (its context); a scored row may be one token
+                 longer, because the last token is only ever a target
+    pad_id       the id rows are padded with (mask 0 there)
+    logprobs(tokens [B, T] int32, mask [B, T] int32) -> TokenScores
+                 column t: log p(tokens[:, t] | tokens[:, :t]) and whether tokens[:, t] was
+                 the argmax; column 0 has no prefix and is 0 / False
+
+Optional: `memorize(tokens, mask) -> LanguageModel`, a test-time update (a model with fast
+weights writes the tokens into its memory) that returns the updated model and leaves the
+original as it was. `continual` reports a second curve with it when the model has it.
+
+`NNXLM` wraps any NNX module called as `module(tokens, attention_mask) -> logits [B, T, V]`
+(GPT-2 here; HOPE has the same signature): it is split once, placed on the mesh by its
+logical axis names and compiled with `core.step.compile_eval`, once per padded shape.
+`score_sequences` is the one batching path: rows sorted by length, padded on the right to a
+power-of-two bucket and to a fixed batch size, so a whole evaluation compiles a handful of
+shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrl.core.config import MeshConfig
+from jaxrl.core.mesh import check_batch_size, make_mesh, shard_batch, shard_state, state_shardings
+from jaxrl.core.step import compile_eval
+
+MIN_BUCKET = 16  # shortest padded input length
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenScores:
+    logprobs: np.ndarray  # [B, T] float32; column 0 is 0
+    greedy: np.ndarray  # [B, T] bool; column 0 is False
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    max_length: int
+    pad_id: int
+
+    def logprobs(self, tokens: np.ndarray, mask: np.ndarray) -> TokenScores: ...
+
+
+def can_memorize(lm: LanguageModel) -> bool:
+    return callable(getattr(lm, "memorize", None))
+
+
+def _scores(graphdef, params, batch):
+    """Log-prob and argmax hit of each next token; the model sees all but the last column."""
+    model = nnx.merge(graphdef, params, copy=True)
+    logits = model(batch["tokens"][:, :-1], batch["mask"][:, :-1])  # [B, T-1, V]
+    targets = batch["tokens"][:, 1:]  # [B, T-1]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    logp = picked - jax.nn.logsumexp(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1) == targets
+    first = jnp.zeros_like(logp[:, :1])
+    return jnp.concatenate([first, logp], axis=1), jnp.concatenate([first.astype(bool), greedy], axis=1)
+
+
+class NNXLM:
+    """`LanguageModel` over an NNX module `(tokens, attention_mask) -> logits`."""
+
+    def __init__(self, module: nnx.Module, *, mesh=None, max_length: int = 0, pad_id: int | None = None):
+        cfg = getattr(module, "cfg", None)
+        self.max_length = max_length or cfg.n_positions
+        self.pad_id = cfg.pad_id if pad_id is None else pad_id
+        self.mesh = mesh if mesh is not None else make_mesh(MeshConfig(), jax.devices()[:1])
+        self.graphdef, params = nnx.split(module)
+        self.shardings = state_shardings(params, self.mesh)
+        self.params = shard_state(params, self.mesh)
+        graphdef = self.graphdef
+        self._score = compile_eval(lambda p, batch: _scores(graphdef, p, batch), self.mesh, self.shardings)
+
+    @classmethod
+    def from_pretrained(cls, path, *, mesh=None) -> NNXLM:
+        """A Hugging Face-layout GPT-2 directory (an SFT run's `hf/`)."""
+        from jaxrl.models import gpt2
+
+        return cls(gpt2.from_pretrained(path), mesh=mesh)
+
+    def with_params(self, params) -> NNXLM:
+        """The same model and compiled function with other weights (continual training)."""
+        other = object.__new__(NNXLM)
+        other.__dict__.update(self.__dict__, params=params)
+        return other
+
+    def module(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params, copy=True)
+
+    def logprobs(self, tokens: np.ndarray, mask: np.ndarray) -> TokenScores:
+        check_batch_size(len(tokens), self.mesh, "batch rows")
+        batch = shard_batch({"tokens": np.asarray(tokens, np.int32), "mask": np.asarray(mask, np.int32)},
+                            self.mesh)
+        logp, greedy = jax.device_get(self._score(self.params, batch))
+        return TokenScores(np.asarray(logp), np.asarray(greedy))
+
+
+def bucket(length: int, max_length: int) -> int:
+    """Padded input length for a row of `length` tokens (input = row minus its last token)."""
+    size = MIN_BUCKET
+    while size < length - 1:
+        size *= 2
+    return min(size, max_length) + 1
+
+
+def score_sequences(lm: LanguageModel, rows: Sequence[Sequence[int]], batch_size: int) -> list[TokenScores]:
+    """Score each row (at most `lm.max_length + 1` tokens) in fixed-shape batches.
+
+    Returns one `TokenScores` per row, unpadded: column t scores row[t] given row[:t].
+    """
+    too_long = [i for i, r in enumerate(rows) if len(r) > lm.max_length + 1]
+    if too_long:
+        raise ValueError(f"{len(too_long)} rows exceed max_length + 1 = {lm.max_length + 1} tokens "
+                         f"(row {too_long[0]} has {len(rows[too_long[0]])}); truncate them first.")
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: list[TokenScores | None] = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = bucket(max(len(rows[i]) for i in chunk), lm.max_length)
+        tokens = np.full((batch_size, width), lm.pad_id, np.int32)
+        mask = np.zeros((batch_size, width), np.int32)
+        for r, i in enumerate(chunk):
+            tokens[r, : len(rows[i])] = rows[i]
+            mask[r, : len(rows[i])] = 1
+        scores = lm.logprobs(tokens, mask)
+        for r, i in enumerate(chunk):
+            n = len(rows[i])
+            out[i] = TokenScores(scores.logprobs[r, :n], scores.greedy[r, :n])
+    return out
