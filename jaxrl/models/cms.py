@@ -1,0 +1,151 @@
+"""Continuum Memory System: a chain of residual MLP levels, level l updated every C_l tokens.
+
+Level l is `x + clip(MLP_l(LN_l(x)))` (the delta's per-token norm is at most `residual_clip`).
+Its MLP weights are fast state: constant inside a chunk of C_l tokens, then
+`theta <- theta - lr_l * sum_chunk grad loss(theta; x_t)` with every gradient taken at the
+chunk-start weights (spec §4.1). Because the weights are constant inside a chunk, the token
+buffer of a level is kept as the running sum of its pending tokens' gradients plus a token
+count (`CMSState.count`): equivalent to buffering the tokens, and counted in tokens across
+calls, not in calls. `flush_partial` applies a partial chunk at the end of each call.
+
+The local objective (`objective: local`) is an associative reconstruction loss,
+`||MLP(LN(x_t)) - sg(x_t)||^2`: each level stores what passes through it. The LM teach signal
+of the reference (`objective: teach`) is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl.core.config import ConfigError
+from jaxrl.models.titans import Writes, _param, _write
+
+
+@dataclasses.dataclass(frozen=True)
+class CMSConfig:
+    """Levels and their update periods (spec §4); periods are listed fastest first."""
+
+    periods: tuple[int, ...] = (16, 64)
+    expansion: int = 4  # MLP hidden width = expansion * n_embd
+    lr: float = 1e-2  # inner learning rate of every level
+    residual_clip: float = 1.0  # per-token norm bound of each level's residual delta
+    flush_partial: bool = True  # apply a partial chunk at the end of each call
+    order: Literal["fast_first", "slow_first"] = "fast_first"
+    objective: Literal["local", "teach"] = "local"
+    state: Literal["per_sequence", "persistent"] = "per_sequence"
+
+    def validate(self):
+        if not self.periods or min(self.periods) < 1:
+            raise ConfigError(f"cms.periods must be positive, got {self.periods}.")
+        if self.objective == "teach":
+            raise ConfigError("cms.objective=teach (the LM teach signal) is not implemented yet; "
+                              "use cms.objective=local.")
+        if self.state == "persistent":
+            raise ConfigError("cms.state=persistent needs the fast state carried across training "
+                              "steps, which the LM recipe does not do yet; use per_sequence (the "
+                              "fast state API `HOPE(..., fast=...)` carries it across calls).")
+        if self.lr < 0 or self.residual_clip <= 0:
+            raise ConfigError("cms.lr must be >= 0 and cms.residual_clip > 0.")
+
+
+@flax.struct.dataclass
+class CMSState:
+    """Per-example: every level's weights (w_in [B, d, 4d], w_out [B, 4d, d]) and pending grads."""
+
+    weights: tuple  # per level (w_in, w_out) float32
+    pending: tuple  # same shapes: summed gradients of the current, unfinished chunk
+    count: jax.Array  # [B] int32 tokens seen (all levels count the same tokens)
+
+
+def clip_norm(x, max_norm: float):
+    """Rescale each row so its norm is at most max_norm."""
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+    return x * jnp.minimum(1.0, max_norm / norm)
+
+
+def level_delta(weights, h):
+    w_in, w_out = weights
+    return jax.nn.gelu(h @ w_in) @ w_out
+
+
+def run_level(weights, pending, count, x, real, *, norm, period: int, cfg: CMSConfig,
+              writes: Writes):
+    """One level over one example's call. x: [T, d]; real: [T] bool. -> (y, weights', pending').
+
+    The call is placed at offset `count % period` in a buffer of whole chunks, so chunk j of
+    the buffer is chunk j of the global token grid; its first `offset` slots belong to the
+    previous call, whose gradients are already in `pending`.
+    """
+    T, d = x.shape
+    offset = count % period
+    n_chunks = -(-(T + period - 1) // period)
+    buf = jax.lax.dynamic_update_slice(jnp.zeros((n_chunks * period, d), x.dtype), x, (offset, 0))
+    mask = jax.lax.dynamic_update_slice(jnp.zeros((n_chunks * period,), bool), real, (offset,))
+    ends = (jnp.arange(n_chunks) + 1) * period  # [n_chunks]
+    complete = ends <= offset + T
+    last = jnp.arange(n_chunks) == (offset + T - 1) // period  # the chunk holding the last token
+
+    def local_loss(w, xc, mc):  # xc: [period, d]
+        pred = level_delta(w, norm(xc))
+        return jnp.sum(mc[:, None] * (pred - jax.lax.stop_gradient(xc)) ** 2)
+
+    @jax.checkpoint
+    def chunk_step(carry, inputs):
+        w, acc = carry
+        xc, mc, done, is_last = inputs
+        y = xc + clip_norm(level_delta(w, norm(xc)), cfg.residual_clip)  # [period, d]
+        acc = jax.tree.map(jnp.add, acc, jax.grad(local_loss)(w, xc, mc))
+        apply = done | (is_last & cfg.flush_partial)
+        stepped = _write(w, jax.tree.map(lambda p, g: p - cfg.lr * g, w, acc), writes)
+        w = jax.tree.map(lambda a, b: jnp.where(apply, a, b), stepped, w)
+        acc = jax.tree.map(lambda g: jnp.where(apply, 0.0, g), acc)
+        return (w, acc), y
+
+    (weights, pending), ys = jax.lax.scan(
+        chunk_step, (weights, pending),
+        (buf.reshape(n_chunks, period, d), mask.reshape(n_chunks, period), complete, last))
+    y = jax.lax.dynamic_slice(ys.reshape(n_chunks * period, d), (offset, 0), (T, d))  # [T, d]
+    return y, weights, pending
+
+
+class CMS(nnx.Module):
+    """The chain of levels; `__call__(x, real, fast) -> (y, fast')`, pure in `fast`."""
+
+    def __init__(self, cfg: CMSConfig, d_model: int, *, writes: Writes, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.cfg, self.writes, self.dtype = cfg, writes, dtype
+        periods = cfg.periods if cfg.order == "fast_first" else tuple(reversed(cfg.periods))
+        self.periods = tuple(periods)
+        hidden = cfg.expansion * d_model
+        normal = nnx.initializers.normal
+        self.norms = nnx.List([nnx.LayerNorm(d_model, dtype=jnp.float32, param_dtype=param_dtype,
+                                             rngs=rngs) for _ in periods])
+        self.init_weights = nnx.List([nnx.List([
+            _param(normal(0.02), (d_model, hidden), ("embed", "mlp"), rngs),
+            _param(normal(0.02 / len(periods)), (hidden, d_model), ("mlp", "embed"), rngs)])
+            for _ in periods])
+
+    def init_fast(self, batch_size: int) -> CMSState:
+        grow = lambda w: jnp.broadcast_to(w[...].astype(jnp.float32), (batch_size, *w.shape))  # noqa: E731
+        weights = tuple((grow(w_in), grow(w_out)) for w_in, w_out in self.init_weights)
+        return CMSState(weights=weights, pending=jax.tree.map(jnp.zeros_like, weights),
+                        count=jnp.zeros((batch_size,), jnp.int32))
+
+    def __call__(self, x, real, fast: CMSState):
+        """x: [B, T, d]; real: [B, T] bool. Each level sees the previous level's output."""
+        h = x.astype(jnp.float32)
+        weights, pending = [], []
+        for norm, period, w, p in zip(self.norms, self.periods, fast.weights, fast.pending):
+            level = lambda w, p, c, xb, rb, norm=norm, period=period: run_level(  # noqa: E731
+                w, p, c, xb, rb, norm=norm, period=period, cfg=self.cfg, writes=self.writes)
+            h, w, p = jax.vmap(level)(w, p, fast.count, h, real)  # per example
+            weights.append(w)
+            pending.append(p)
+        count = fast.count + x.shape[1]
+        return h.astype(self.dtype), CMSState(tuple(weights), tuple(pending), count)

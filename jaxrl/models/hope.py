@@ -1,0 +1,190 @@
+"""HOPE (Nested Learning): a token mixer with fast-weight memory, then a Continuum Memory System.
+
+    tokens -> embed -> [x + mixer(x); CMS(x)] x n_layer -> LayerNorm -> tied head -> logits
+
+`mixer` picks the block: "selfmod" (HOPE: self-modifying Titans, no attention), "attention"
+(HOPE-attention: GPT-2's causal softmax attention, with learned positions), or "titans" (the
+Titans LMM alone). The interface is GPT-2's: `model(tokens, attention_mask, deterministic=...,
+rngs=...) -> logits [B, T, embedding_rows]`, so the SFT recipe's `lm_loss` trains it. Every
+call starts each example from the meta-learned initial fast state (the slow parameters); pass
+`fast=model.init_fast(B)` (or a state a previous call returned) to get `(logits, fast')` and
+carry the memories across calls.
+
+Generation (`generate`) recomputes the whole window for each new token: simple and exact,
+O(T^2). A recurrent-state decoder is not built yet (it needs the mixers' chunk grid and conv
+history carried across calls, see `titans`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl.core.config import ConfigError
+from jaxrl.models import gpt2
+from jaxrl.models.cms import CMS, CMSConfig, CMSState
+from jaxrl.models.titans import MemoryConfig, SelfModTitans, TitansMemory, Writes
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class HopeConfig:
+    """Architecture, numerics and the spec's open questions (§9) as flags."""
+
+    vocab_size: int = gpt2.GPT2_VOCAB_SIZE + 1  # + pad row
+    pad_id: int = gpt2.PAD_ID
+    pad_vocab_to: int = 128
+    n_positions: int = 1024  # the attention variant's learned positions; others are unbounded
+    n_embd: int = 128
+    n_layer: int = 4
+    n_head: int = 4  # attention variant
+    mixer: Literal["selfmod", "attention", "titans"] = "selfmod"
+    writes: Writes = "differentiable"  # mode D (meta-learning) or mode S (stop-gradient writes)
+    memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
+    cms: CMSConfig = dataclasses.field(default_factory=CMSConfig)
+    dropout: float = 0.0  # unused by the memories; kept for GPT-2's loss interface
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; fast state and scans are float32 always
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        for field in ("param_dtype", "dtype"):
+            if getattr(self, field) not in _DTYPES:
+                raise ConfigError(f"{field}={getattr(self, field)!r}; choose one of {sorted(_DTYPES)}.")
+        if self.n_embd % self.memory.heads or self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} must be divisible by memory.heads and n_head.")
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise ConfigError(f"pad_id={self.pad_id} must index the embedding (vocab_size={self.vocab_size}).")
+        self.memory.validate()
+        self.cms.validate()
+
+    @property
+    def embedding_rows(self) -> int:
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+
+@flax.struct.dataclass
+class HopeState:
+    """The model's fast state: per layer, the mixer's memory and the CMS levels (batch-leading)."""
+
+    mixer: tuple  # per layer TitansState | SelfModState | None (attention)
+    cms: tuple  # per layer CMSState
+
+
+class HopeBlock(nnx.Module):
+    """x + mixer(x), then CMS(x). -> (x, (mixer state, CMS state))."""
+
+    def __init__(self, cfg: HopeConfig, rngs: nnx.Rngs):
+        dtype, param_dtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+        kw = dict(writes=cfg.writes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mixer_kind = cfg.mixer
+        if cfg.mixer == "attention":
+            attn_cfg = gpt2.GPT2Config(n_embd=cfg.n_embd, n_head=cfg.n_head, n_layer=cfg.n_layer,
+                                       vocab_size=cfg.vocab_size, pad_id=cfg.pad_id,
+                                       dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            self.ln = gpt2._layer_norm(attn_cfg, rngs)
+            self.mixer = gpt2.Attention(attn_cfg, rngs)
+        else:
+            module = SelfModTitans if cfg.mixer == "selfmod" else TitansMemory
+            self.mixer = module(cfg.memory, cfg.n_embd, **kw)
+        self.cms = CMS(cfg.cms, cfg.n_embd, **kw)
+
+    def init_fast(self, batch_size: int):
+        mixer = None if self.mixer_kind == "attention" else self.mixer.init_fast(batch_size)
+        return mixer, self.cms.init_fast(batch_size)
+
+    def __call__(self, x, real, attend, fast):
+        mixer_fast, cms_fast = fast
+        if self.mixer_kind == "attention":
+            h = self.mixer(self.ln(x), attend, deterministic=True, rngs=None)
+        else:
+            h, mixer_fast = self.mixer(x, real, mixer_fast)
+        x, cms_fast = self.cms(x + h, real, cms_fast)
+        return x, (mixer_fast, cms_fast)
+
+
+class HOPE(nnx.Module):
+    """HOPE language model with tied input/output embeddings and GPT-2's call interface."""
+
+    def __init__(self, cfg: HopeConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype, param_dtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+        embed = lambda rows, names: nnx.Embed(  # noqa: E731
+            rows, cfg.n_embd, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), names,
+                                                 eager_sharding=False))
+        self.wte = embed(cfg.embedding_rows, ("vocab", "embed"))
+        self.wpe = embed(cfg.n_positions, (None, "embed")) if cfg.mixer == "attention" else None
+        self.h = nnx.List([HopeBlock(cfg, rngs) for _ in range(cfg.n_layer)])
+        self.ln_f = nnx.LayerNorm(cfg.n_embd, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def init_fast(self, batch_size: int) -> HopeState:
+        """Each example's fast state at the start of a sequence: the meta-learned initial weights."""
+        states = [block.init_fast(batch_size) for block in self.h]
+        return HopeState(mixer=tuple(s[0] for s in states), cms=tuple(s[1] for s in states))
+
+    def __call__(self, tokens, attention_mask=None, *, deterministic: bool = True, rngs=None,
+                 fast: HopeState | None = None):
+        """Next-token logits [B, T, embedding_rows] float32; with `fast`, also the new fast state.
+
+        `deterministic` and `rngs` are accepted for GPT-2's interface; HOPE has no dropout.
+        """
+        del deterministic, rngs
+        cfg = self.cfg
+        B, T = tokens.shape
+        real = tokens != cfg.pad_id
+        if attention_mask is not None:
+            real &= attention_mask.astype(bool)
+        state = self.init_fast(B) if fast is None else fast
+        x = self.wte(tokens)
+        attend = None
+        if cfg.mixer == "attention":
+            positions = jnp.maximum(jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1, 0)
+            x = x + self.wpe(positions)
+            causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [T, T]
+            attend = causal[None] & real[:, None, :]  # [B, T, T]
+        mixers, cmss = [], []
+        for block, mixer_fast, cms_fast in zip(self.h, state.mixer, state.cms):
+            x, (mixer_fast, cms_fast) = block(x, real, attend, (mixer_fast, cms_fast))
+            mixers.append(mixer_fast)
+            cmss.append(cms_fast)
+        logits = self.wte.attend(self.ln_f(x)).astype(jnp.float32)
+        ids = jnp.arange(cfg.embedding_rows)
+        logits = jnp.where((ids == cfg.pad_id) | (ids >= cfg.vocab_size), -1e9, logits)
+        if fast is None:
+            return logits
+        return logits, HopeState(mixer=tuple(mixers), cms=tuple(cmss))
+
+
+def parameter_count(model: nnx.Module) -> int:
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def generate(model: HOPE, prompt, key, *, max_new_tokens: int, temperature: float = 1.0):
+    """Sample `max_new_tokens` after a right-aligned `prompt` [B, P] (no pad inside it).
+
+    Recomputes the whole window each step (exact, O(T^2)); returns tokens [B, max_new_tokens].
+    """
+    B, P = prompt.shape
+    window = jnp.full((B, P + max_new_tokens), model.cfg.pad_id, jnp.int32)
+    window = window.at[:, :P].set(prompt)
+    graphdef, state = nnx.split(model)
+
+    def step(i, carry):
+        window, key = carry
+        key, sub = jax.random.split(key)
+        logits = nnx.merge(graphdef, state)(window)[:, P + i - 1]  # causal: the tail is unseen
+        token = jax.random.categorical(sub, logits / max(temperature, 1e-6))
+        return window.at[:, P + i].set(token), key
+
+    window, _ = jax.lax.fori_loop(0, max_new_tokens, step, (window, key))
+    return window[:, P:]

@@ -1,0 +1,424 @@
+"""Titans neural memory and the self-modifying Titans mixer (HOPE's token mixer).
+
+Both are fast-weight memories: small MLPs whose weights change inside the forward pass. Their
+slow (outer) parameters are projections, gates, convs and the memories' *initial* weights; the
+fast state is an explicit pytree (`TitansState`, `SelfModState`) with a leading batch axis,
+computed per example under `jax.vmap` (never shared across the batch) and kept in float32
+whatever the compute dtype. The per-example functions see one head of one example.
+
+Two write modes: "differentiable" (the recurrence is plain JAX, so the outer gradient reaches
+the initial weights and the gates through every write; each chunk is `jax.checkpoint`ed) and
+"stop_gradient" (`new = old + sg(new - old)`: the write is a constant to the outer loss, the
+initial weights still get first-order gradients through the reads).
+
+Known limits: the chunk grid restarts at every call and the causal conv starts each call with
+an empty history, so a sequence fed in several calls is not bit-equal to one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl.core.config import ConfigError
+
+Writes = Literal["differentiable", "stop_gradient"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """Fast-weight memory of the Titans LMM and of the self-modifying mixer (spec §2, §3)."""
+
+    heads: int = 4
+    depth: int = 2  # Titans memory MLP layers (1: linear matrix memory)
+    expansion: int = 2  # hidden width = expansion * head_dim
+    chunk_size: int = 16  # gradients inside a chunk are taken at the chunk-start weights
+    gate_granularity: Literal["token", "chunk"] = "token"  # Titans theta is per token always
+    unit_size: int = 4  # gate_granularity=chunk: tokens per summed gradient and per eta/alpha
+    read_after_write: bool = False  # Titans: token t reads weights that include its own write
+    max_lr: float = 0.1  # bounded inner learning rate: theta (Titans), eta (self-mod) in (0, max_lr)
+    max_surprise_norm: float = 1.0  # soft clamp of each write's gradient norm
+    conv_width: int = 4  # short causal depthwise conv on q/k/v
+    # self-modifying mixer only
+    memory_chunk_size: int = 64  # M_memory's update period (a multiple of chunk_size)
+    adaptive_q: bool = False  # q from its own adaptive memory instead of a fixed projection
+    dgd_precond_target: Literal["input", "none"] = "input"  # matrix that gets (alpha I - eta k k^T)
+    stopgrad_vhat: bool = True  # self-generated targets are constants of the inner loss
+
+    def validate(self):
+        if self.heads < 1 or self.depth < 1 or self.expansion < 1 or self.conv_width < 1:
+            raise ConfigError("memory: heads, depth, expansion and conv_width must be >= 1.")
+        if self.chunk_size < 1 or self.chunk_size % self.unit_size:
+            raise ConfigError(f"memory.chunk_size={self.chunk_size} must be a positive multiple of "
+                              f"memory.unit_size={self.unit_size}.")
+        if self.memory_chunk_size % self.chunk_size:
+            raise ConfigError(f"memory.memory_chunk_size={self.memory_chunk_size} must be a "
+                              f"multiple of memory.chunk_size={self.chunk_size}.")
+        if not 0 < self.max_lr <= 1 or self.max_surprise_norm <= 0:
+            raise ConfigError("memory.max_lr must be in (0, 1] and max_surprise_norm > 0.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _param(init, shape, names, rngs: nnx.Rngs, dtype=jnp.float32):
+    init = nnx.with_partitioning(init, names, eager_sharding=False)
+    return nnx.Param(init(rngs.params(), shape, dtype))
+
+
+def _write(old, new, writes: Writes):
+    """The fast-state update as the outer loss sees it (see the module docstring)."""
+    if writes == "differentiable":
+        return new
+    return jax.tree.map(lambda o, n: o + jax.lax.stop_gradient(n - o), old, new)
+
+
+def soft_clamp(tree, max_norm: float):
+    """Rescale a pytree to norm max_norm * tanh(norm / max_norm): smooth, never above max_norm."""
+    norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)) + 1e-12)
+    scale = max_norm * jnp.tanh(norm / max_norm) / norm
+    return jax.tree.map(lambda x: x * scale, tree)
+
+
+def l2_normalize(x, axis=-1):
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + 1e-6)
+
+
+class CausalConv(nnx.Module):
+    """Depthwise causal 1-D conv: y_t = sum_j w_j x_{t-j}, identity at init."""
+
+    def __init__(self, width: int, channels: int, rngs: nnx.Rngs):
+        identity = lambda key, shape, dtype: jnp.zeros(shape, dtype).at[0].set(1.0)  # noqa: E731
+        self.kernel = _param(identity, (width, channels), (None, None), rngs)
+
+    def __call__(self, x):  # x: [B, T, C]
+        width, T = self.kernel.shape[0], x.shape[1]
+        padded = jnp.pad(x, ((0, 0), (width - 1, 0), (0, 0)))  # [B, width-1+T, C]
+        kernel = self.kernel[...].astype(x.dtype)
+        return sum(kernel[j] * padded[:, width - 1 - j: width - 1 - j + T] for j in range(width))
+
+
+def pad_to_chunks(x, chunk: int):
+    """[B, T, ...] -> [B, N*chunk, ...] with N = ceil(T / chunk) (zeros at the end)."""
+    T = x.shape[1]
+    extra = -T % chunk if T else chunk
+    return jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))
+
+
+def gated_scan(gates, seed, values):
+    """state_n = gates_n * state_{n-1} + values_n from `seed`, by associative scan.
+
+    gates: [U]; seed: pytree; values: pytree with leading U. Returns states [U+1, ...], entry 0
+    the seed.
+    """
+    gates = jnp.concatenate([jnp.ones((1,), gates.dtype), gates])  # [U+1]
+    values = jax.tree.map(lambda s, v: jnp.concatenate([s[None], v]), seed, values)
+
+    def combine(a, b):
+        (ga, ua), (gb, ub) = a, b
+        expand = lambda g, x: g.reshape(g.shape + (1,) * (x.ndim - g.ndim))  # noqa: E731
+        return ga * gb, jax.tree.map(lambda x, y: expand(gb, x) * x + y, ua, ub)
+
+    _, states = jax.lax.associative_scan(combine, (gates, values))
+    return states
+
+
+# ---------------------------------------------------------------------------------------------
+# Titans neural long-term memory (LMM)
+
+
+def memory_mlp(weights, x):
+    """M(x) = x + MLP(x): weights [(d_h, h), ..., (h, d_h)], GELU between layers; x: [..., d_h]."""
+    h = x
+    for i, w in enumerate(weights):
+        h = h @ w
+        if i < len(weights) - 1:
+            h = jax.nn.gelu(h)
+    return x + h
+
+
+@flax.struct.dataclass
+class TitansState:
+    """Per-example fast state: memory weights and the momentum of the surprise (same shapes)."""
+
+    weights: tuple  # per layer [B, H, d_in, d_out] float32
+    momentum: tuple
+
+
+@flax.struct.dataclass
+class TitansChunk:
+    """One chunk of one head's inputs (the scan's xs)."""
+
+    q: jax.Array  # [C, d_h]
+    k: jax.Array  # [C, d_h]
+    v: jax.Array  # [C, d_h]
+    theta: jax.Array  # [C] inner lr, 0 on pad
+    eta: jax.Array  # [U] momentum gate
+    alpha: jax.Array  # [U] forget gate
+    real: jax.Array  # [U] the unit holds a real token
+
+
+def titans_chunk(state: tuple, chunk: TitansChunk, *, cfg: MemoryConfig, writes: Writes):
+    """Store one chunk (gradients at the chunk-start weights), then retrieve. One head.
+
+    state: (weights, momentum) of this head. Returns (state', y [C, d_h]).
+    """
+    weights, momentum = state
+    C, U = chunk.k.shape[0], chunk.eta.shape[0]
+    unit = C // U
+
+    def inner_loss(w, k, v, theta):  # theta-weighted associative loss of one token
+        return theta * jnp.mean((memory_mlp(w, k) - v) ** 2)
+
+    grads = jax.vmap(jax.grad(inner_loss), in_axes=(None, 0, 0, 0))(
+        weights, chunk.k, chunk.v, chunk.theta)  # per layer [C, d_in, d_out]
+    grads = jax.tree.map(lambda g: g.reshape(U, unit, *g.shape[1:]).sum(1), grads)  # [U, ...]
+    surprise = jax.vmap(lambda g: jax.tree.map(jnp.negative, soft_clamp(g, cfg.max_surprise_norm)))(grads)
+    eta = jnp.where(chunk.real, chunk.eta, 1.0)  # a pad unit leaves momentum as it is
+    moments = gated_scan(eta, momentum, surprise)  # [U+1, ...]
+    step = jax.tree.map(lambda s: s[1:] * chunk.real.reshape(-1, *[1] * (s.ndim - 1)), moments)
+    decay = jnp.where(chunk.real, 1.0 - chunk.alpha, 1.0)
+    all_weights = gated_scan(decay, weights, step)  # [U+1, ...]: entry n = after n units
+    new_state = _write((weights, momentum),
+                       (jax.tree.map(lambda w: w[-1], all_weights),
+                        jax.tree.map(lambda s: s[-1], moments)), writes)
+    # token t reads the weights after every unit that ends before t (or at t: read_after_write)
+    read_unit = (jnp.arange(C) + int(cfg.read_after_write)) // unit  # [C] in [0, U]
+    if writes == "stop_gradient":
+        all_weights = _write(jax.tree.map(lambda w: w[None], weights), all_weights, writes)
+    read_weights = jax.tree.map(lambda w: w[read_unit], all_weights)  # per layer [C, d_in, d_out]
+    y = jax.vmap(memory_mlp)(read_weights, chunk.q)  # [C, d_h]
+    return new_state, y
+
+
+class TitansMemory(nnx.Module):
+    """Titans LMM as a token mixer: x [B, T, d] -> y [B, T, d], with its fast state."""
+
+    def __init__(self, cfg: MemoryConfig, d_model: int, *, writes: Writes, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        if d_model % cfg.heads:
+            raise ConfigError(f"n_embd={d_model} must be divisible by memory.heads={cfg.heads}.")
+        self.cfg, self.writes, self.dtype = cfg, writes, dtype
+        H, dh = cfg.heads, d_model // cfg.heads
+        linear = lambda d_out, names, std=0.02: nnx.Linear(  # noqa: E731
+            d_model, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), names,
+                                              eager_sharding=False))
+        self.norm = nnx.RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv = linear(3 * d_model, ("embed", "heads"))
+        self.conv = CausalConv(cfg.conv_width, 3 * d_model, rngs)
+        self.gates = nnx.Linear(d_model, 3 * H, dtype=jnp.float32, param_dtype=param_dtype,
+                                rngs=rngs, kernel_init=nnx.initializers.zeros,
+                                bias_init=lambda key, shape, dtype: jnp.repeat(  # theta 0.5, eta 0.88, alpha 0.018
+                                    jnp.array([0.0, 2.0, -4.0], dtype), H))
+        self.retrieve_gate = linear(d_model, ("embed", "heads"))
+        self.out = linear(d_model, ("heads", "embed"))
+        dims = [dh] + [cfg.expansion * dh] * (cfg.depth - 1) + [dh]
+        self.init_weights = nnx.List([
+            _param(nnx.initializers.normal(1.0 / math.sqrt(a)), (H, a, b), (None, None, None), rngs)
+            for a, b in zip(dims[:-1], dims[1:])])
+
+    def init_fast(self, batch_size: int) -> TitansState:
+        weights = tuple(jnp.broadcast_to(w[...].astype(jnp.float32), (batch_size, *w.shape))
+                        for w in self.init_weights)
+        return TitansState(weights=weights, momentum=jax.tree.map(jnp.zeros_like, weights))
+
+    def __call__(self, x, real, fast: TitansState):
+        """x: [B, T, d]; real: [B, T] bool (pad tokens write nothing). -> (y, fast')."""
+        cfg = self.cfg
+        B, T, d = x.shape
+        H, dh, C = cfg.heads, d // cfg.heads, cfg.chunk_size
+        unit = 1 if cfg.gate_granularity == "token" else cfg.unit_size
+        h = self.norm(x)
+        qkv = jax.nn.silu(self.conv(self.qkv(h))).astype(jnp.float32)  # [B, T, 3d]
+        q, k, v = qkv.reshape(B, T, 3, H, dh).transpose(2, 0, 3, 1, 4)  # [B, H, T, d_h] each
+        q, k = l2_normalize(q), l2_normalize(k)
+        gate_in = pad_to_chunks(h.astype(jnp.float32), C)  # [B, Tp, d]
+        realp = pad_to_chunks(real, C)  # [B, Tp]
+        Tp = gate_in.shape[1]
+        theta_logit, _, _ = jnp.split(self.gates(gate_in), 3, axis=-1)  # [B, Tp, H]
+        pooled = gate_in.reshape(B, Tp // unit, unit, d).mean(2)  # [B, Tp/u, d]
+        _, eta_logit, alpha_logit = jnp.split(self.gates(pooled), 3, axis=-1)  # [B, Tp/u, H]
+        theta = jax.nn.sigmoid(theta_logit) * cfg.max_lr * realp[..., None]
+        eta, alpha = jax.nn.sigmoid(eta_logit), jax.nn.sigmoid(alpha_logit)
+        unit_real = realp.reshape(B, Tp // unit, unit).any(-1)  # [B, Tp/u]
+        N, U = Tp // C, C // unit
+
+        def chunks(a, per):  # [B, H, N*per, ...] -> [N, B, H, per, ...]
+            a = a.reshape(B, H, N, per, *a.shape[3:])
+            return jnp.moveaxis(a, 2, 0)
+
+        heads_last = lambda a: jnp.broadcast_to(a, (B, a.shape[1], H)).transpose(0, 2, 1)  # noqa: E731
+        xs = TitansChunk(
+            q=chunks(pad_to_chunks(q.transpose(0, 2, 1, 3), C).transpose(0, 2, 1, 3), C),
+            k=chunks(pad_to_chunks(k.transpose(0, 2, 1, 3), C).transpose(0, 2, 1, 3), C),
+            v=chunks(pad_to_chunks(v.transpose(0, 2, 1, 3), C).transpose(0, 2, 1, 3), C),
+            theta=chunks(theta.transpose(0, 2, 1), C),  # [N, B, H, C]
+            eta=chunks(eta.transpose(0, 2, 1), U),  # [N, B, H, U]
+            alpha=chunks(alpha.transpose(0, 2, 1), U),
+            real=chunks(heads_last(unit_real[..., None]), U),
+        )
+        step = jax.vmap(jax.vmap(lambda s, c: titans_chunk(s, c, cfg=cfg, writes=self.writes)))
+
+        @jax.checkpoint
+        def body(state, chunk):
+            return step(state, chunk)  # over B, then H
+
+        (weights, momentum), ys = jax.lax.scan(body, (fast.weights, fast.momentum), xs)
+        y = jnp.moveaxis(ys, 0, 2).reshape(B, H, Tp, dh)[:, :, :T]  # [B, H, T, d_h]
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, d).astype(self.dtype)  # [B, T, d]
+        y = y * jax.nn.sigmoid(self.retrieve_gate(h))
+        return self.out(y), TitansState(weights=weights, momentum=momentum)
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-modifying Titans (HOPE's sequence mixer, spec §3)
+
+SELF_MOD = ("k", "v", "eta", "alpha", "memory")  # adaptive memories; "q" joins with adaptive_q
+
+
+def selfmod_apply(mem, x):
+    """M(x) = [x +] gelu(x W2) W1: the skip only where input and output widths agree."""
+    w2, w1 = mem
+    out = jax.nn.gelu(x @ w2) @ w1
+    return x + out if out.shape[-1] == x.shape[-1] else out
+
+
+@flax.struct.dataclass
+class SelfModState:
+    """Per-example fast memories, name -> (W2 [B, H, d_h, hid], W1 [B, H, hid, out]) float32.
+
+    `visible` is M_memory as the reads see it: it catches up with `memories["memory"]` every
+    memory_chunk_size tokens and at the end of each call.
+    """
+
+    memories: dict
+    visible: tuple
+
+
+@flax.struct.dataclass
+class SelfModChunk:
+    x: jax.Array  # [C, d_h] conv'd head input
+    q: jax.Array  # [C, d_h] fixed-projection query (unused with adaptive_q)
+    real: jax.Array  # [C] bool
+    publish: jax.Array  # [] bool: M_memory becomes visible after this chunk
+
+
+def selfmod_chunk(state: tuple, chunk: SelfModChunk, *, cfg: MemoryConfig, writes: Writes,
+                  eta_bias, alpha_bias):
+    """Generate k, v, eta, alpha, targets and reads at the chunk-boundary state; then DGD."""
+    memories, visible = state
+    names = tuple(memories)
+    k = l2_normalize(selfmod_apply(memories["k"], chunk.x))  # [C, d_h]
+    v = selfmod_apply(memories["v"], chunk.x)  # [C, d_h]
+    q = selfmod_apply(memories["q"], chunk.x) if cfg.adaptive_q else chunk.q
+    q = l2_normalize(q)
+    eta = cfg.max_lr * jax.nn.sigmoid(selfmod_apply(memories["eta"], chunk.x)[:, 0] + eta_bias)
+    alpha = jax.nn.sigmoid(selfmod_apply(memories["alpha"], chunk.x)[:, 0] + alpha_bias)  # [C]
+    eta, alpha = jnp.where(chunk.real, eta, 0.0), jnp.where(chunk.real, alpha, 1.0)
+    y = jax.vmap(selfmod_apply, in_axes=(None, 0))(visible, q)  # [C, d_h]
+
+    def inner_loss(mem, k_t, target):
+        return jnp.sum((selfmod_apply(mem, k_t) - target) ** 2)
+
+    grads = {}
+    for name in names:
+        vhat = selfmod_apply(memories[name], v)  # [C, out]: each memory makes its own target
+        if cfg.stopgrad_vhat:
+            vhat = jax.lax.stop_gradient(vhat)
+        grads[name] = jax.vmap(jax.grad(inner_loss), in_axes=(None, 0, 0))(memories[name], k, vhat)
+        grads[name] = jax.vmap(lambda g: soft_clamp(g, cfg.max_surprise_norm))(grads[name])
+
+    def dgd(mems, t):  # one token's write to every memory (state-only carry)
+        new = {}
+        for name in names:
+            (w2, w1), (g2, g1) = mems[name], jax.tree.map(lambda g: g[t], grads[name])
+            decayed = alpha[t] * w2
+            if cfg.dgd_precond_target == "input":  # W2 (alpha I - eta k k^T), without a d x d
+                decayed = decayed - eta[t] * jnp.outer(k[t], k[t] @ w2)  # [d_h, hid]
+            new[name] = (decayed - eta[t] * g2, alpha[t] * w1 - eta[t] * g1)
+        return new, None
+
+    written, _ = jax.lax.scan(dgd, memories, jnp.arange(k.shape[0]))
+    written = _write(memories, written, writes)
+    visible = jax.tree.map(lambda new, old: jnp.where(chunk.publish, new, old),
+                           written["memory"], visible)
+    return (written, visible), y
+
+
+class SelfModTitans(nnx.Module):
+    """Self-referential Titans: k, v, eta, alpha (and q) come from memories that update themselves."""
+
+    def __init__(self, cfg: MemoryConfig, d_model: int, *, writes: Writes, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        if d_model % cfg.heads:
+            raise ConfigError(f"n_embd={d_model} must be divisible by memory.heads={cfg.heads}.")
+        self.cfg, self.writes, self.dtype = cfg, writes, dtype
+        H, dh = cfg.heads, d_model // cfg.heads
+        hid = cfg.expansion * dh
+        linear = lambda d_out, names: nnx.Linear(  # noqa: E731
+            d_model, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), names,
+                                              eager_sharding=False))
+        self.norm = nnx.RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.inp = linear(2 * d_model, ("embed", "heads"))  # [x_in | q]
+        self.conv = CausalConv(cfg.conv_width, d_model, rngs)
+        self.out = linear(d_model, ("heads", "embed"))
+        self.eta_bias = nnx.Param(jnp.zeros((H,)))
+        self.alpha_bias = nnx.Param(jnp.full((H,), 4.0))  # retention ~0.98 at init
+        names = SELF_MOD + (("q",) if cfg.adaptive_q else ())
+        width = {"eta": 1, "alpha": 1}
+        normal = nnx.initializers.normal
+        self.init_memories = nnx.Dict({
+            name: nnx.List([
+                _param(normal(1.0 / math.sqrt(dh)), (H, dh, hid), (None, None, None), rngs),
+                _param(normal(0.1 / math.sqrt(hid)), (H, hid, width.get(name, dh)),
+                       (None, None, None), rngs)])
+            for name in names})
+
+    def init_fast(self, batch_size: int) -> SelfModState:
+        grow = lambda w: jnp.broadcast_to(w[...].astype(jnp.float32), (batch_size, *w.shape))  # noqa: E731
+        memories = {name: (grow(m[0]), grow(m[1])) for name, m in self.init_memories.items()}
+        return SelfModState(memories=memories, visible=memories["memory"])
+
+    def __call__(self, x, real, fast: SelfModState):
+        """x: [B, T, d]; real: [B, T] bool. -> (y [B, T, d], fast')."""
+        cfg = self.cfg
+        B, T, d = x.shape
+        H, dh, C = cfg.heads, d // cfg.heads, cfg.chunk_size
+        h = self.norm(x)
+        x_in, q = jnp.split(self.inp(h), 2, axis=-1)  # [B, T, d] each
+        x_in = self.conv(x_in).astype(jnp.float32)
+
+        def chunks(a):  # [B, T, d] -> [N, B, H, C, d_h]
+            a = pad_to_chunks(a, C)
+            N = a.shape[1] // C
+            return a.reshape(B, N, C, H, dh).transpose(1, 0, 3, 2, 4)
+
+        xs_x, xs_q = chunks(x_in), chunks(q.astype(jnp.float32))
+        N = xs_x.shape[0]
+        realp = pad_to_chunks(real, C).reshape(B, N, C).transpose(1, 0, 2)  # [N, B, C]
+        every = cfg.memory_chunk_size // C
+        publish = (jnp.arange(N) % every == every - 1) | (jnp.arange(N) == N - 1)  # [N]
+        xs = SelfModChunk(x=xs_x, q=xs_q,
+                          real=jnp.broadcast_to(realp[:, :, None], (N, B, H, C)),
+                          publish=jnp.broadcast_to(publish[:, None, None], (N, B, H)))
+        one = lambda s, c, eb, ab: selfmod_chunk(s, c, cfg=cfg, writes=self.writes,  # noqa: E731
+                                                 eta_bias=eb, alpha_bias=ab)
+        heads = jax.vmap(one, in_axes=(0, 0, 0, 0))  # over H (biases are per head)
+        step = jax.vmap(heads, in_axes=(0, 0, None, None))  # over B
+
+        @jax.checkpoint
+        def body(state, chunk):
+            return step(state, chunk, self.eta_bias[...], self.alpha_bias[...])
+
+        (memories, visible), ys = jax.lax.scan(body, (fast.memories, fast.visible), xs)
+        y = ys.transpose(1, 0, 3, 2, 4).reshape(B, N * C, d)[:, :T]  # [B, T, d]
+        return self.out(y.astype(self.dtype)), SelfModState(memories=memories, visible=visible)
