@@ -44,7 +44,7 @@ def niah_prompt(tokenizer, kind: str, value: str, length: int, depth: float) -> 
         cuts.append(len(filler))
         i += 1
     filler = filler[:room]
-    cuts = [c for c in cuts if c <= room]
+    cuts = [c for c in cuts if c < room] + [room]  # sentence ends, and the end of the filler
     at = min(cuts, key=lambda c: abs(c - depth * room))
     return filler[:at] + needle_ids + filler[at:] + tail, len(answer)
 

@@ -11,9 +11,10 @@ Item formats (JSONL, one object per line):
 The scoring rule, exactly (it is lm-eval-harness's `loglikelihood` with its `acc` and `acc_norm`):
 
 1. Each choice i is a pair (context_i, continuation_i): for the first and third formats
-   context = query and continuation = delimiter + choice; for WinoGrande context = option and
-   continuation = delimiter + continuation. The delimiter is " " unless the task names
-   another (`delimiters` in configs/eval_lm.yaml).
+   context = query + delimiter and continuation = choice; for WinoGrande context = option +
+   delimiter and continuation = the shared continuation. The delimiter is " " unless the set
+   names another (`zeroshot.delimiters` in configs/eval_lm.yaml, e.g. "\nAnswer: "), so a
+   delimiter's words are context, never scored.
 2. Trailing whitespace of the context moves to the start of the continuation. Then
    whole = encode(context + continuation), ctx = encode(context), and the continuation's
    tokens are whole[len(ctx):] (so BPE merges across the seam count as continuation).
@@ -45,7 +46,7 @@ from jaxrl.eval.lm_model import LanguageModel, score_sequences
 @dataclasses.dataclass(frozen=True)
 class Choice:
     context: str
-    continuation: str  # with the delimiter
+    continuation: str
     chars: int  # characters of the choice text, for acc_norm
 
 
@@ -74,7 +75,7 @@ def _parse(row, delimiter: str, where: str) -> Item:
         options, cont = row["context_options"], row["continuation"]
         if not isinstance(options, list):
             raise DataError(f"{where}: context_options must be a list of strings, got {options!r:.80}.")
-        choices = tuple(Choice(str(o), delimiter + str(cont), len(str(cont))) for o in options)
+        choices = tuple(Choice(str(o) + delimiter, str(cont), len(str(cont))) for o in options)
         gold = row["gold"]
     else:
         if "endings" in row:
@@ -84,7 +85,7 @@ def _parse(row, delimiter: str, where: str) -> Item:
             query, texts, gold = row["query"], row["choices"], row["gold"]
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise DataError(f"{where}: the choices must be a list of strings, got {texts!r:.80}.")
-        choices = tuple(Choice(str(query), delimiter + t, len(t)) for t in texts)
+        choices = tuple(Choice(str(query) + delimiter, t, len(t)) for t in texts)
     if len(choices) < 2:
         raise DataError(f"{where}: needs at least 2 choices, got {len(choices)}.")
     if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):

