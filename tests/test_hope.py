@@ -1,0 +1,259 @@
+"""HOPE mechanisms: causality, CMS cadence and flush, write gradients, per-example state, numerics."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxrl.core.config import MeshConfig
+from jaxrl.core.mesh import make_mesh, shard_batch
+from jaxrl.core.step import compile_step, sharded_init
+from jaxrl.core.train_state import TrainState
+from jaxrl.models.cms import CMS, CMSConfig
+from jaxrl.models.hope import HOPE, HopeConfig, generate
+from jaxrl.models.titans import MemoryConfig, SelfModTitans, TitansMemory
+from jaxrl.recipes import sft
+
+D, VOCAB, PAD = 16, 64, 63
+MEMORY = MemoryConfig(heads=2, depth=2, chunk_size=4, unit_size=2, memory_chunk_size=8)
+KW = dict(dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+def hope_config(**overrides) -> HopeConfig:
+    return HopeConfig(vocab_size=VOCAB, pad_id=PAD, n_embd=D, n_layer=2, n_head=2,
+                      memory=MEMORY, cms=CMSConfig(periods=(4, 8)), **overrides)
+
+
+def build(kind: str, writes="differentiable", memory=MEMORY, cms=CMSConfig(periods=(3, 4))):
+    rngs = nnx.Rngs(0)
+    if kind == "titans":
+        return TitansMemory(memory, D, writes=writes, rngs=rngs, **KW)
+    if kind == "titans_chunk_gates":
+        memory = dataclasses.replace(memory, gate_granularity="chunk", read_after_write=True)
+        return TitansMemory(memory, D, writes=writes, rngs=rngs, **KW)
+    if kind == "selfmod":
+        return SelfModTitans(memory, D, writes=writes, rngs=rngs, **KW)
+    return CMS(cms, D, writes=writes, rngs=rngs, **KW)
+
+
+def pure(module):
+    """module -> jitted f(params, x, real, fast) -> (y, fast'), params differentiable."""
+    graphdef, params = nnx.split(module)
+    return params, jax.jit(lambda p, x, real, fast: nnx.merge(graphdef, p)(x, real, fast))
+
+
+MODULES = ["titans", "titans_chunk_gates", "selfmod", "cms"]
+
+
+@pytest.fixture(scope="module")
+def modules():
+    """kind -> (module, params, f): built and compiled once for the whole file."""
+    out = {}
+    for kind in MODULES:
+        module = build(kind)
+        out[kind] = (module, *pure(module))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm():
+    model = HOPE(hope_config(), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    return model, params, jax.jit(lambda p, tokens: nnx.merge(graphdef, p)(tokens))
+
+
+def perturbed_batch(x, positions):
+    """Row 0 is x; row i+1 is x with position positions[i] changed."""
+    rows = [x]
+    for t in positions:
+        rows.append(x.at[t].add(1.0))
+    return jnp.stack(rows)
+
+
+@pytest.mark.parametrize("kind", MODULES)
+def test_output_t_ignores_inputs_after_t(modules, kind):
+    module, params, f = modules[kind]
+    T = 11  # not a multiple of any chunk: the padded tail is exercised too
+    x = jax.random.normal(jax.random.key(1), (T, D))
+    positions = list(range(T))
+    batch = perturbed_batch(x, positions)
+    y, _ = f(params, batch, jnp.ones(batch.shape[:2], bool), module.init_fast(len(batch)))
+    y = np.asarray(y)
+    for i, t in enumerate(positions):
+        np.testing.assert_allclose(y[i + 1, :t], y[0, :t], atol=1e-6, err_msg=f"{kind}, t={t}")
+        assert np.abs(y[i + 1, t:] - y[0, t:]).max() > 1e-6, f"{kind}: token {t} has no effect"
+
+
+@pytest.mark.parametrize("mixer", ["selfmod", "attention", "titans"])
+def test_lm_logits_t_ignore_tokens_after_t(mixer):
+    model = HOPE(hope_config(mixer=mixer), rngs=nnx.Rngs(0))
+    T = 10
+    tokens = jax.random.randint(jax.random.key(2), (T,), 0, PAD)
+    batch = jnp.stack([tokens] + [tokens.at[t].set((tokens[t] + 1) % PAD) for t in range(T)])
+    logits = np.asarray(jax.jit(lambda tok: model(tok))(batch))
+    for t in range(T):
+        np.testing.assert_allclose(logits[t + 1, :t], logits[0, :t], atol=1e-5)
+        assert np.abs(logits[t + 1, t:] - logits[0, t:]).max() > 1e-6
+
+
+def test_cms_counts_tokens_across_calls():
+    """Calls of 3, 3 and 2 tokens with period 4 give the state and outputs of one 8-token call."""
+    module = build("cms", cms=CMSConfig(periods=(4,), flush_partial=False))
+    params, f = pure(module)
+    x = jax.random.normal(jax.random.key(3), (1, 8, D))
+    real = jnp.ones((1, 8), bool)
+    y_once, once = f(params, x, real, module.init_fast(1))
+    fast, ys, init = module.init_fast(1), [], module.init_fast(1).weights[0][0]
+    changed = []
+    for lo, hi in [(0, 3), (3, 6), (6, 8)]:
+        y, fast = f(params, x[:, lo:hi], real[:, lo:hi], fast)
+        ys.append(y)
+        changed.append(bool(jnp.any(fast.weights[0][0] != init)))
+        init = fast.weights[0][0]
+    assert changed == [False, True, True]  # boundaries at tokens 4 and 8, not at call ends
+    assert int(fast.count[0]) == 8
+    np.testing.assert_allclose(jnp.concatenate(ys, 1), y_once, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(fast.weights), jax.tree.leaves(once.weights)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert all(float(jnp.abs(p).max()) == 0.0 for p in jax.tree.leaves(fast.pending))
+
+
+def test_cms_partial_chunk_is_flushed_at_sequence_end():
+    x = jax.random.normal(jax.random.key(4), (1, 6, D))  # one whole chunk of 4, then 2 tokens
+    real = jnp.ones((1, 6), bool)
+    states = {}
+    for flush in (False, True):
+        module = build("cms", cms=CMSConfig(periods=(4,), flush_partial=flush))
+        params, f = pure(module)
+        _, states[flush] = f(params, x, real, module.init_fast(1))
+    kept, flushed = states[False], states[True]
+    assert float(jnp.abs(kept.pending[0][0]).max()) > 0  # 2 tokens wait for their chunk
+    assert float(jnp.abs(flushed.pending[0][0]).max()) == 0
+    step = jax.tree.map(lambda w, g: w - CMSConfig().lr * g, kept.weights[0], kept.pending[0])
+    for a, b in zip(jax.tree.leaves(step), jax.tree.leaves(flushed.weights[0])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def init_leaves(module):
+    """The module's meta-learned initial fast weights (slow params), as a list of Params."""
+    inits = module.init_memories if isinstance(module, SelfModTitans) else module.init_weights
+    return jax.tree.leaves(nnx.state(inits, nnx.Param))
+
+
+@pytest.mark.parametrize("kind", ["titans", "selfmod", "cms"])
+def test_initial_state_gets_gradients_through_writes_only_when_differentiable(kind):
+    """d <R, final weights> / d W0 is R exactly when writes are stop-gradient, more otherwise."""
+    x = jax.random.normal(jax.random.key(5), (1, 8, D))
+    real = jnp.ones((1, 8), bool)
+    grads = {}
+    for writes in ("differentiable", "stop_gradient"):
+        module = build(kind, writes=writes)
+        graphdef, params = nnx.split(module)
+
+        def probe(p):  # <R, final fast weights>, from the initial state the params hold
+            m = nnx.merge(graphdef, p)
+            _, fast = m(x, real, m.init_fast(1))
+            leaves = jax.tree.leaves(fast.memories if kind == "selfmod" else fast.weights)
+            return sum(jnp.sum(jnp.cos(jnp.arange(w.size).reshape(w.shape)) * w) for w in leaves)
+
+        grads[writes] = init_leaves(nnx.merge(graphdef, jax.jit(jax.grad(probe))(params)))
+    for d, s in zip(grads["differentiable"], grads["stop_gradient"]):
+        r = np.cos(np.arange(s.size).reshape(s.shape))
+        np.testing.assert_allclose(s[...], r, atol=1e-5)  # identity: the write is a constant
+        assert np.abs(d[...] - r).max() > 1e-4  # the write's own Jacobian contributes
+
+
+def test_titans_gates_learn_only_through_differentiable_writes():
+    """theta/eta/alpha only act through writes: no outer gradient when writes are constants."""
+    x = jax.random.normal(jax.random.key(6), (1, 12, D))
+    real = jnp.ones((1, 12), bool)
+    norms = {}
+    for writes in ("differentiable", "stop_gradient"):
+        module = build("titans", writes=writes)
+        graphdef, params = nnx.split(module)
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, real, module.init_fast(1))[0] ** 2)  # noqa: E731
+        grad = nnx.merge(graphdef, jax.jit(jax.grad(loss))(params))
+        norms[writes] = float(jnp.abs(grad.gates.kernel[...]).max())
+    assert norms["differentiable"] > 1e-6
+    assert norms["stop_gradient"] == 0.0
+
+
+def test_each_example_has_its_own_fast_state(lm):
+    _, params, f = lm
+    a = jax.random.randint(jax.random.key(7), (1, 12), 0, PAD)
+    b = jax.random.randint(jax.random.key(8), (1, 12), 0, PAD)
+    together = f(params, jnp.concatenate([a, b]))
+    np.testing.assert_allclose(together[:1], f(params, a), atol=1e-5)
+    np.testing.assert_allclose(together[1:], f(params, b), atol=1e-5)
+
+
+def test_fast_state_is_float32_under_bfloat16_compute():
+    model = HOPE(hope_config(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(9), (2, 9), 0, PAD)
+    graphdef, params = nnx.split(model)
+    logits, fast = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, fast=nnx.merge(graphdef, p)
+                                                               .init_fast(2)))(params, tokens)
+    assert bool(jnp.isfinite(logits).all())
+    floats = [x for x in jax.tree.leaves(fast) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.float32 for x in floats)
+
+
+@pytest.mark.parametrize("kind", ["titans", "selfmod", "cms"])
+def test_sequence_shorter_than_a_chunk_still_writes(modules, kind):
+    module, params, f = modules[kind]
+    x = jax.random.normal(jax.random.key(10), (1, 2, D))  # chunk 4 (mixers), periods 3, 4 (CMS)
+    fast0 = module.init_fast(1)
+    _, fast = f(params, x, jnp.ones((1, 2), bool), fast0)
+    before = jax.tree.leaves(fast0.memories if kind == "selfmod" else fast0.weights)
+    after = jax.tree.leaves(fast.memories if kind == "selfmod" else fast.weights)
+    assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(after, before))
+
+
+def test_deep_memory_over_eight_chunks_stays_finite():
+    memory = dataclasses.replace(MEMORY, depth=4)
+    module = build("titans", memory=memory)
+    graphdef, params = nnx.split(module)
+    x = 3.0 * jax.random.normal(jax.random.key(11), (2, 8 * memory.chunk_size, D))
+    real = jnp.ones(x.shape[:2], bool)
+
+    def loss(p):
+        y, fast = nnx.merge(graphdef, p)(x, real, module.init_fast(2))
+        return jnp.mean(y ** 2), fast
+
+    (value, fast), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    leaves = [value, *jax.tree.leaves(fast), *jax.tree.leaves(grad)]
+    assert all(bool(jnp.isfinite(leaf).all()) for leaf in leaves)
+
+
+def test_sharded_loss_equals_one_device(corpus_batch):
+    """Fast state is per example, so splitting the batch over 8 devices changes nothing."""
+    import optax
+
+    losses = []
+    for mesh in (make_mesh(MeshConfig(data=8)), make_mesh(MeshConfig(data=1), jax.devices()[:1])):
+        init = sharded_init(lambda: TrainState.create(HOPE(hope_config(), rngs=nnx.Rngs(0)),
+                                                      optax.adam(1e-2)), mesh)
+        step = compile_step(sft.train_step, mesh, init.shardings)
+        state = init()
+        for _ in range(2):  # the second loss sees the first update
+            state, metrics = step(state, shard_batch(corpus_batch, mesh), jax.random.key(0))
+            losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses[:2], losses[2:], rtol=1e-5)
+
+
+@pytest.fixture
+def corpus_batch():
+    rng = np.random.default_rng(0)
+    window = rng.integers(0, PAD, (8, 13)).astype(np.int32)
+    return {"tokens": window[:, :-1], "targets": window[:, 1:],
+            "loss_mask": np.ones((8, 12), np.float32), "attention_mask": np.ones((8, 12), np.int32)}
+
+
+def test_generate_continues_a_prompt(lm):
+    model, _, _ = lm
+    prompt = jax.random.randint(jax.random.key(12), (2, 5), 0, PAD)
+    out = jax.jit(lambda p, k: generate(model, p, k, max_new_tokens=4))(prompt, jax.random.key(0))
+    assert out.shape == (2, 4) and bool(((out >= 0) & (out < PAD)).all())
