@@ -9,13 +9,19 @@ PureJaxRL-shaped (rollout `lax.scan` -> GAE -> minibatch epochs, all inside one 
 - Action masks from `env.action_mask(state, params)` (when the env has one) shape both the
   sampled actions and the training logits.
 - Everything that carries across updates (params, optimizer state incl. the learning-rate
-  schedule count, env state, last observation, episode statistics) lives in `PPOState`, so a
-  checkpoint taken between updates resumes the exact run.
+  schedule count, env state, last observation, episode statistics, normalisation statistics)
+  lives in `PPOState`, so a checkpoint taken between updates resumes the exact run.
 
-Discrete actions only (a categorical policy over `env.num_actions`). The env contract:
-`reset(key, params) -> (obs, state)`,
+And what CleanRL users expect: a categorical policy for discrete actions, a Gaussian one
+(state-independent log-std, samples clipped to the bounds only on their way to the env) for
+Box actions; optional observation and reward normalisation with running statistics (rewards
+divided by the running std of the discounted return, as gym's NormalizeReward / SB3's
+VecNormalize do); `target_kl` early stopping; explained variance in the metrics.
+
+The env contract: `reset(key, params) -> (obs, state)`,
 `step(key, state, action, params) -> (obs, state, reward, terminated, truncated, info)` with
-auto-reset, plus `num_actions` and `observation_shape`.
+auto-reset, plus `num_actions`, `observation_shape` and optionally `action_spec`
+(`jaxrl.envs.ActionSpec`; without it, `num_actions` categories).
 """
 
 from __future__ import annotations
@@ -32,7 +38,12 @@ from flax import nnx, struct
 
 from jaxrl.core.config import ConfigError
 from jaxrl.core.mesh import batch_sharding, replicated
+from jaxrl.envs import ActionSpec, action_spec
 from jaxrl.envs.rollout import play_episodes
+
+# Normalised observations and rewards are clipped to +-NORM_CLIP (CleanRL, SB3 VecNormalize).
+NORM_CLIP = 10.0
+NORM_EPS = 1e-8
 
 
 @dataclasses.dataclass
@@ -56,6 +67,12 @@ class PPOConfig:
     # Multiplies rewards for learning only (logged returns stay in env units). Keeps value
     # targets near unit scale so the value gradient does not eat the global-norm clip budget.
     reward_scale: float = 1.0
+    # Running mean/var normalisation (statistics live in PPOState, so resume is exact).
+    normalize_observations: bool = False
+    normalize_rewards: bool = False  # divide by the running std of the discounted return
+    # Stop the update's remaining minibatch steps once a minibatch's approx KL (old policy vs
+    # the current params, measured before its step) exceeds this; None: never stop.
+    target_kl: float | None = None
 
     @property
     def batch_size(self) -> int:
@@ -78,10 +95,36 @@ class PPOConfig:
         for name in ("vf_coef", "ent_coef"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ppo.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ConfigError(f"ppo.target_kl must be > 0 or null, got {self.target_kl}.")
 
 
 def _divisor_near(n: int, k: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
+
+
+class RunningStats(struct.PyTreeNode):
+    """Running mean and variance (Chan et al.'s parallel update, count started at 1e-4 as in
+    CleanRL / SB3's RunningMeanStd)."""
+
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
+
+    @classmethod
+    def zeros(cls, shape=()) -> RunningStats:
+        return cls(mean=jnp.zeros(shape), var=jnp.ones(shape), count=jnp.full((), 1e-4))
+
+    def update(self, batch: jax.Array) -> RunningStats:
+        """Fold in `batch` ([N, *shape]) as N samples."""
+        n = batch.shape[0]
+        mean, var = jnp.mean(batch, 0), jnp.var(batch, 0)
+        delta, total = mean - self.mean, self.count + n
+        m2 = self.var * self.count + var * n + jnp.square(delta) * self.count * n / total
+        return RunningStats(mean=self.mean + delta * n / total, var=m2 / total, count=total)
+
+    def normalize(self, x: jax.Array) -> jax.Array:
+        return jnp.clip((x - self.mean) / jnp.sqrt(self.var + NORM_EPS), -NORM_CLIP, NORM_CLIP)
 
 
 class PPOState(struct.PyTreeNode):
@@ -97,18 +140,22 @@ class PPOState(struct.PyTreeNode):
     last_episode_return: jax.Array  # [num_envs] return of each env's last finished episode
     last_episode_length: jax.Array
     update: jax.Array  # number of updates done
+    obs_stats: RunningStats | None = None  # [obs_dim] statistics of raw observations
+    return_stats: RunningStats | None = None  # [] statistics of the discounted return
+    discounted_return: jax.Array | None = None  # [num_envs] running discounted reward sum
 
 
 class Transition(struct.PyTreeNode):
-    obs: jax.Array
+    obs: jax.Array  # as the policy saw it (normalised when normalize_observations)
     action_mask: jax.Array | None
-    action: jax.Array
+    action: jax.Array  # discrete: [..] int; continuous: [.., d] unclipped sample
     log_prob: jax.Array
     value: jax.Array
-    reward: jax.Array
+    reward: jax.Array  # env units
+    learn_reward: jax.Array  # what GAE sees: normalised and / or scaled
     terminated: jax.Array
     done: jax.Array  # terminated | truncated: the episode (and the GAE trace) ends here
-    final_obs: jax.Array  # true successor observation (pre-reset when done)
+    final_obs: jax.Array  # true successor observation (pre-reset when done), normalised as obs
 
 
 def gae(rewards, values, next_values, terminated, done, *, gamma: float, lam: float):
@@ -150,6 +197,13 @@ def value_loss(value, old_value, targets, clip_eps: float | None):
     return 0.5 * jnp.mean(loss)
 
 
+def explained_variance(values: jax.Array, targets: jax.Array) -> jax.Array:
+    """1 - Var(targets - values) / Var(targets): 1 is a perfect critic, 0 no better than a
+    constant, negative worse; 0 when the targets do not vary (undefined there)."""
+    var = jnp.var(targets)
+    return jnp.where(var > 0, 1.0 - jnp.var(targets - values) / jnp.where(var > 0, var, 1.0), 0.0)
+
+
 def make_optimizer(cfg: PPOConfig, num_updates: int) -> optax.GradientTransformation:
     """Adam (eps 1e-5) with global-norm clipping; lr decays linearly to 0 over the run."""
     lr = cfg.lr
@@ -162,8 +216,9 @@ def make_optimizer(cfg: PPOConfig, num_updates: int) -> optax.GradientTransforma
 class PPO:
     """PPO bound to an env and a model. `init(key)` and `update(state, key)` are pure.
 
-    `make_model(key)` builds the actor-critic (`model(obs, action_mask) -> (logits, value)`,
-    `model.value(obs)`); only its graphdef is kept here, params travel in `PPOState`.
+    `make_model(key)` builds the actor-critic (`model(obs, action_mask) -> (dist, value)` with
+    `dist` a `Categorical` or `Gaussian` from `jaxrl.models.policy`, and `model.value(obs)`);
+    only its graphdef is kept here, params travel in `PPOState`.
     """
 
     env: Any
@@ -184,6 +239,26 @@ class PPO:
     def has_action_mask(self) -> bool:
         return hasattr(self.env, "action_mask")
 
+    @functools.cached_property
+    def action_spec(self) -> ActionSpec:
+        return action_spec(self.env)
+
+    def env_action(self, action: jax.Array) -> jax.Array:
+        """What the env is sent: a Gaussian sample clipped to the bounds, in the space's shape."""
+        spec = self.action_spec
+        if not spec.continuous:
+            return action
+        clipped = jnp.clip(action, jnp.asarray(spec.low), jnp.asarray(spec.high))
+        return clipped.reshape(*action.shape[:-1], *spec.shape)
+
+    def normalize_obs(self, obs: jax.Array, obs_stats: RunningStats | None) -> jax.Array:
+        if not self.cfg.normalize_observations:
+            return obs
+        if obs_stats is None:
+            raise ValueError("ppo.normalize_observations is on: pass the state's obs_stats so "
+                             "the policy sees observations normalised as in training.")
+        return obs_stats.normalize(obs)
+
     @property
     def env_steps_per_update(self) -> int:
         return self.cfg.batch_size
@@ -202,59 +277,88 @@ class PPO:
         then steps each device's own envs and the loss's batch mean all-reduces gradients."""
         envs, whole = batch_sharding(mesh, 1), replicated(mesh)
         per_env = lambda tree: jax.tree.map(lambda _: envs, tree)  # noqa: E731
+        everywhere = lambda tree: jax.tree.map(lambda _: whole, tree)  # noqa: E731
         return state.replace(
-            params=jax.tree.map(lambda _: whole, state.params),
-            opt_state=jax.tree.map(lambda _: whole, state.opt_state),
+            params=everywhere(state.params), opt_state=everywhere(state.opt_state),
             env_state=per_env(state.env_state), obs=envs, action_mask=per_env(state.action_mask),
             episode_return=envs, episode_length=envs, last_episode_return=envs,
-            last_episode_length=envs, update=whole)
+            last_episode_length=envs, update=whole, obs_stats=everywhere(state.obs_stats),
+            return_stats=everywhere(state.return_stats),
+            discounted_return=per_env(state.discounted_return))
 
     def init(self, key: jax.Array) -> PPOState:
         model_key, env_key = jax.random.split(key)
         params = nnx.split(self.make_model(model_key))[1]
         env_keys = jax.random.split(env_key, self.cfg.num_envs)
         obs, env_state = jax.vmap(self.env.reset, in_axes=(0, None))(env_keys, self.env_params)
+        obs = _flat(obs, self.cfg.num_envs)
         zeros = jnp.zeros(self.cfg.num_envs, jnp.float32)
+        normalize_rewards = self.cfg.normalize_rewards
         return PPOState(
             params=params,
             opt_state=self.tx.init(params),
             env_state=env_state,
-            obs=_flat(obs, self.cfg.num_envs),
+            obs=obs,
             action_mask=self._mask(env_state),
             episode_return=zeros,
             episode_length=zeros.astype(jnp.int32),
             last_episode_return=zeros,
             last_episode_length=zeros.astype(jnp.int32),
             update=jnp.zeros((), jnp.int32),
+            obs_stats=(RunningStats.zeros(obs.shape[1:]).update(obs)
+                       if self.cfg.normalize_observations else None),
+            return_stats=RunningStats.zeros() if normalize_rewards else None,
+            discounted_return=zeros if normalize_rewards else None,
         )
 
     def rollout(self, state: PPOState, key: jax.Array) -> tuple[PPOState, Transition]:
-        """Step all envs rollout_steps times with the current policy (time-major output)."""
-        model = self.model(state.params)
-        n = self.cfg.num_envs
+        """Step all envs rollout_steps times with the current policy (time-major output).
+
+        Observation statistics take in each new observation as it arrives (state.obs is raw,
+        already counted); return statistics each step's discounted return, reset where an
+        episode ends."""
+        cfg, model = self.cfg, self.model(state.params)
+        n = cfg.num_envs
 
         def step(state: PPOState, key):
             action_key, env_key = jax.random.split(key)
-            logits, value = model(state.obs, state.action_mask)
-            action = jax.random.categorical(action_key, logits)
-            log_prob = _log_prob(logits, action)
-            obs, env_state, reward, terminated, truncated, info = jax.vmap(
+            obs = self.normalize_obs(state.obs, state.obs_stats)
+            dist, value = model(obs, state.action_mask)
+            action = dist.sample(action_key)
+            log_prob = dist.log_prob(action)
+            next_obs, env_state, reward, terminated, truncated, info = jax.vmap(
                 self.env.step, in_axes=(0, 0, 0, None))(
-                    jax.random.split(env_key, n), state.env_state, action, self.env_params)
+                    jax.random.split(env_key, n), state.env_state, self.env_action(action),
+                    self.env_params)
             if "final_observation" not in info:
                 raise ValueError(
                     f"{self.env!r}.step must return info['final_observation'] (the pre-reset "
                     "observation) so PPO can bootstrap the value through truncation.")
             done = terminated | truncated
+            next_obs, final_obs = _flat(next_obs, n), _flat(info["final_observation"], n)
+            obs_stats = state.obs_stats
+            if cfg.normalize_observations:
+                obs_stats = obs_stats.update(next_obs)
+            learn_reward, return_stats, discounted = reward, state.return_stats, None
+            if cfg.normalize_rewards:
+                discounted = state.discounted_return * cfg.gamma + reward
+                return_stats = return_stats.update(discounted)
+                learn_reward = jnp.clip(reward / jnp.sqrt(return_stats.var + NORM_EPS),
+                                        -NORM_CLIP, NORM_CLIP)
+                discounted = jnp.where(done, 0.0, discounted)
             episode_return = state.episode_return + reward
             episode_length = state.episode_length + 1
             transition = Transition(
-                obs=state.obs, action_mask=state.action_mask, action=action, log_prob=log_prob,
-                value=value, reward=reward, terminated=terminated, done=done,
-                final_obs=_flat(info["final_observation"], n))
+                obs=obs, action_mask=state.action_mask, action=action, log_prob=log_prob,
+                value=value, reward=reward, learn_reward=learn_reward * cfg.reward_scale,
+                terminated=terminated, done=done,
+                final_obs=self.normalize_obs(final_obs, obs_stats))
             state = state.replace(
                 env_state=env_state,
-                obs=_flat(obs, n),
+                obs=next_obs,
+                obs_stats=obs_stats,
+                return_stats=return_stats,
+                discounted_return=discounted,
                 action_mask=self._mask(env_state),
                 episode_return=jnp.where(done, 0.0, episode_return),
                 episode_length=jnp.where(done, 0, episode_length),
@@ -263,18 +367,17 @@ class PPO:
             )
             return state, transition
 
-        return jax.lax.scan(step, state, jax.random.split(key, self.cfg.rollout_steps))
+        return jax.lax.scan(step, state, jax.random.split(key, cfg.rollout_steps))
 
     def loss(self, params, batch: Transition, advantages, targets):
         cfg = self.cfg
-        logits, value = self.model(params)(batch.obs, batch.action_mask)
-        log_probs = jax.nn.log_softmax(logits)
-        log_prob = jnp.take_along_axis(log_probs, batch.action[..., None], -1)[..., 0]
+        dist, value = self.model(params)(batch.obs, batch.action_mask)
+        log_prob = dist.log_prob(batch.action)
         if cfg.normalize_advantages:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         policy_loss = clipped_policy_loss(log_prob, batch.log_prob, advantages, cfg.clip_eps)
         v_loss = value_loss(value, batch.value, targets, cfg.clip_eps if cfg.clip_value else None)
-        entropy = -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, -1))
+        entropy = jnp.mean(dist.entropy())
         total = policy_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
         log_ratio = log_prob - batch.log_prob
         return total, {
@@ -288,30 +391,56 @@ class PPO:
         }
 
     def update(self, state: PPOState, key: jax.Array) -> tuple[PPOState, dict[str, jax.Array]]:
-        """One PPO iteration: rollout, GAE, `epochs` passes of `minibatches` gradient steps."""
+        """One PPO iteration: rollout, GAE, `epochs` passes of `minibatches` gradient steps
+        (fewer when `target_kl` stops them; `minibatches_done` counts the steps taken)."""
         cfg = self.cfg
         rollout_key, shuffle_key = jax.random.split(key)
         state, traj = self.rollout(state, rollout_key)
 
         # V of each step's true successor: the pre-reset observation where an episode ended.
         next_values = self.model(state.params).value(traj.final_obs)
-        advantages, targets = gae(traj.reward * cfg.reward_scale, traj.value, next_values,
+        advantages, targets = gae(traj.learn_reward, traj.value, next_values,
                                   traj.terminated, traj.done, gamma=cfg.gamma,
                                   lam=cfg.gae_lambda)
 
         # The loss reads obs, mask, action, log_prob and value; drop the rest before shuffling.
-        batch = traj.replace(reward=None, terminated=None, done=None, final_obs=None)
+        batch = traj.replace(reward=None, learn_reward=None, terminated=None, done=None,
+                             final_obs=None)
         flat = lambda x: x.reshape(cfg.batch_size, *x.shape[2:])  # noqa: E731
         samples = jax.tree.map(flat, (batch, advantages, targets))
         grad_fn = jax.grad(self.loss, has_aux=True)
         tx = self.tx
 
-        def minibatch_step(carry, minibatch):
-            params, opt_state = carry
+        def sgd_step(params, opt_state, minibatch):
             grads, metrics = grad_fn(params, *minibatch)
             metrics["grad_norm"] = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), metrics
+            return optax.apply_updates(params, updates), opt_state, metrics
+
+        def minibatch_step(carry, minibatch):
+            """carry: (params, opt_state, stopped); per step: metrics, evaluated, applied."""
+            params, opt_state, stopped = carry
+            if cfg.target_kl is None:
+                params, opt_state, metrics = sgd_step(params, opt_state, minibatch)
+                one = jnp.float32(1.0)
+                return (params, opt_state, stopped), (metrics, one, one)
+
+            def run(_):
+                new_params, new_opt_state, metrics = sgd_step(params, opt_state, minibatch)
+                # SB3's order: a minibatch whose pre-step KL is over the target is not applied.
+                over = metrics["approx_kl"] > cfg.target_kl
+                keep = lambda new, old: jax.tree.map(  # noqa: E731
+                    lambda a, b: jnp.where(over, b, a), new, old)
+                return (keep(new_params, params), keep(new_opt_state, opt_state), over,
+                        (metrics, jnp.float32(1.0), 1.0 - over.astype(jnp.float32)))
+
+            def skip(_):
+                shapes = jax.eval_shape(sgd_step, params, opt_state, minibatch)[2]
+                zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), shapes)
+                return params, opt_state, stopped, (zeros, jnp.float32(0.0), jnp.float32(0.0))
+
+            *carry, out = jax.lax.cond(stopped, skip, run, None)
+            return tuple(carry), out
 
         def epoch(carry, key):
             order = jax.random.permutation(key, cfg.batch_size)
@@ -319,26 +448,32 @@ class PPO:
                 lambda x: x[order].reshape(cfg.minibatches, -1, *x.shape[1:]), samples)
             return jax.lax.scan(minibatch_step, carry, minibatches)
 
-        (params, opt_state), metrics = jax.lax.scan(
-            epoch, (state.params, state.opt_state), jax.random.split(shuffle_key, cfg.epochs))
-        metrics = jax.tree.map(jnp.mean, metrics)
+        (params, opt_state, _), (metrics, evaluated, applied) = jax.lax.scan(
+            epoch, (state.params, state.opt_state, jnp.bool_(False)),
+            jax.random.split(shuffle_key, cfg.epochs))
+        # Means over the minibatches whose loss was evaluated (all of them without target_kl).
+        weights = jnp.broadcast_to(evaluated, (cfg.epochs, cfg.minibatches))
+        metrics = jax.tree.map(lambda m: jnp.sum(m * weights) / jnp.sum(weights), metrics)
         metrics.update(
             episode_return=jnp.mean(state.last_episode_return),
             episode_length=jnp.mean(state.last_episode_length.astype(jnp.float32)),
             episodes_finished=jnp.sum(traj.done),
             reward_per_step=jnp.mean(traj.reward),
-            value_mean=jnp.mean(traj.value),  # in reward_scale units
+            value_mean=jnp.mean(traj.value),  # in learn_reward units
+            explained_variance=explained_variance(traj.value, targets),
+            minibatches_done=jnp.sum(jnp.broadcast_to(applied, weights.shape)),
         )
         state = state.replace(params=params, opt_state=opt_state, update=state.update + 1)
         return state, metrics
 
     def act(self, params, key: jax.Array, obs: jax.Array, action_mask=None, *,
-            greedy: bool = True) -> jax.Array:
-        """Actions for a batch of observations: argmax (greedy) or sampled."""
-        logits, _ = self.model(params)(_flat(obs, obs.shape[0]), action_mask)
-        if greedy:
-            return jnp.argmax(logits, -1)
-        return jax.random.categorical(key, logits)
+            obs_stats: RunningStats | None = None, greedy: bool = True) -> jax.Array:
+        """Env actions for a batch of raw observations: the mode (greedy) or a sample.
+
+        With normalize_observations, pass the training state's `obs_stats`."""
+        obs = self.normalize_obs(_flat(obs, obs.shape[0]), obs_stats)
+        dist, _ = self.model(params)(obs, action_mask)
+        return self.env_action(dist.mode() if greedy else dist.sample(key))
 
 
 def evaluate(env, env_params, act: Callable, reset_keys: jax.Array, key: jax.Array, *,
@@ -355,6 +490,3 @@ def evaluate(env, env_params, act: Callable, reset_keys: jax.Array, key: jax.Arr
 def _flat(obs: jax.Array, n: int) -> jax.Array:
     return obs.reshape(n, -1).astype(jnp.float32)
 
-
-def _log_prob(logits: jax.Array, action: jax.Array) -> jax.Array:
-    return jnp.take_along_axis(jax.nn.log_softmax(logits), action[..., None], -1)[..., 0]

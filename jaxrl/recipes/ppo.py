@@ -1,4 +1,7 @@
-"""PPO on a gymnax-style env (Prospector, CartPole-v1, ...); on Prospector, ends with PPO vs the bots.
+"""PPO on a gymnax-style env (Prospector, CartPole-v1, Pendulum-v1, ...); on Prospector, ends with PPO vs the bots.
+
+Discrete action spaces get a categorical policy, Box spaces a Gaussian one; an env with any
+other action space is a ConfigError when the env is built.
 
 `loop.steps` counts PPO updates; each consumes `ppo.num_envs * ppo.rollout_steps` env steps.
 Evaluation plays `eval.episodes` seeded episodes; on Prospector the three baseline bots play
@@ -89,26 +92,30 @@ def time_limit(env_params) -> int:
 def make_ppo(cfg: Config) -> PPO:
     env, env_params = make_env(cfg.env)
     obs_dim = int(np.prod(env.observation_shape))
+    spec = envs.action_spec(env)
 
     def make_model(key):
-        return ActorCritic(obs_dim, env.num_actions, hidden=tuple(cfg.policy.hidden),
-                           activation=cfg.policy.activation, rngs=nnx.Rngs(key))
+        return ActorCritic(obs_dim, spec.size, continuous=spec.continuous,
+                           hidden=tuple(cfg.policy.hidden), activation=cfg.policy.activation,
+                           rngs=nnx.Rngs(key))
 
     return PPO(env, env_params, make_model, cfg.ppo, num_updates=cfg.loop.steps)
 
 
 def make_evaluator(ppo: PPO, cfg: EvalConfig, mesh):
-    """Jitted `params -> returns[episodes]` on the fixed evaluation episodes."""
+    """Jitted `state -> returns[episodes]` on the fixed evaluation episodes (the state's
+    params, and its observation statistics when observations are normalised)."""
     reset_keys = jax.random.split(jax.random.PRNGKey(cfg.seed), cfg.episodes)
     max_steps = time_limit(ppo.env_params)
 
-    def returns(params):
-        act = lambda k, obs, mask: ppo.act(params, k, obs, mask, greedy=cfg.greedy)  # noqa: E731
+    def returns(params, obs_stats):
+        act = lambda k, obs, mask: ppo.act(params, k, obs, mask, obs_stats=obs_stats,  # noqa: E731
+                                           greedy=cfg.greedy)
         return evaluate(ppo.env, ppo.env_params, act, reset_keys,
                         jax.random.PRNGKey(cfg.seed + 1), max_steps=max_steps)
 
     returns = jax.jit(returns, out_shardings=replicated(mesh))  # every process reads them
-    return lambda params: np.asarray(returns(params))
+    return lambda state: np.asarray(returns(state.params, state.obs_stats))
 
 
 def baseline_returns(ppo: PPO, cfg: EvalConfig) -> dict[str, np.ndarray]:
@@ -132,7 +139,7 @@ def run(cfg: Config) -> dict:
     policy_returns = make_evaluator(ppo, cfg.eval, mesh)
 
     def eval_fn(state, step):
-        returns = policy_returns(state.params)
+        returns = policy_returns(state)
         return {"eval_return_mean": float(returns.mean()),
                 "eval_return_median": float(np.median(returns))}
 
@@ -146,7 +153,7 @@ def run(cfg: Config) -> dict:
     seconds = time.perf_counter() - start
     stepping = seconds - sum(result.timers.values())
 
-    table = {"ppo": policy_returns(result.state.params)}
+    table = {"ppo": policy_returns(result.state)}
     if cfg.eval.baselines and cfg.env.name.lower() == "prospector":
         table.update(baseline_returns(ppo, cfg.eval))
     env_steps = result.step * ppo.env_steps_per_update
@@ -171,13 +178,13 @@ def run(cfg: Config) -> dict:
         summary["ppo_beats_all_bots"] = all(
             table["ppo"].mean() > r.mean() for n, r in table.items() if n != "ppo")
     if cfg.eval.replays and cfg.env.name.lower() == "prospector":
-        summary["replays"] = write_replays(ppo, cfg, result.state.params)
+        summary["replays"] = write_replays(ppo, cfg, result.state)
     if jax.process_index() == 0:
         print(format_table(summary), flush=True)
     return summary
 
 
-def write_replays(ppo: PPO, cfg: Config, params) -> list[str]:
+def write_replays(ppo: PPO, cfg: Config, state) -> list[str]:
     """Prospector replays of PPO and the market-timer bot on the first evaluation episodes.
 
     Process 0 alone, on a host copy of the (replicated) params, so no collective is needed.
@@ -186,8 +193,9 @@ def write_replays(ppo: PPO, cfg: Config, params) -> list[str]:
         return []
     from jaxrl.envs.prospector import replay
 
-    params = jax.device_get(params)
-    act = lambda k, obs, mask: ppo.act(params, k, obs, mask, greedy=cfg.eval.greedy)  # noqa: E731
+    params, obs_stats = jax.device_get((state.params, state.obs_stats))
+    act = lambda k, obs, mask: ppo.act(params, k, obs, mask, obs_stats=obs_stats,  # noqa: E731
+                                       greedy=cfg.eval.greedy)
     policies = {"ppo": act, "market_timer": replay.bot_policies()["market_timer"]}
     paths = replay.write_policy_replays(cfg.run.dir, policies, ppo.env, ppo.env_params,
                                         seed=cfg.eval.seed, episodes=cfg.eval.replays)
