@@ -24,6 +24,7 @@ shapes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
@@ -93,8 +94,8 @@ class NNXLM:
 
     def with_params(self, params) -> NNXLM:
         """The same model and compiled function with other weights (continual training)."""
-        other = object.__new__(NNXLM)
-        other.__dict__.update(self.__dict__, params=params)
+        other = copy.copy(self)
+        other.params = params
         return other
 
     def module(self) -> nnx.Module:

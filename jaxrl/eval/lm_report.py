@@ -77,7 +77,7 @@ def plot_niah(result: dict, path: Path) -> None:
     """One heatmap per needle kind: depth (rows) x context length (columns)."""
     plt = _pyplot()
     kinds = list(result["accuracy"])
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.8), squeeze=False, layout="constrained")
     for ax, kind in zip(axes[0], kinds):
         grid = result["accuracy"][kind]
         lengths = [str(n) for n in result["lengths"]]
