@@ -1,4 +1,5 @@
-"""Generation: HF greedy parity, EOS stopping, masks/logprobs contract, sampling filters."""
+"""Generation: HF greedy parity, EOS stopping, masks/logprobs contract, sampling filters, log-probs
+under the sampling distribution, the f32 head, and position overflow."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl.models.generate import _filter_logits, generate, sample_token, token_logprobs
-from jaxrl.models.gpt2 import from_pretrained
+from jaxrl.models.generate import (
+    _filter_logits,
+    _gather_logprobs,
+    generate,
+    sample_token,
+    sampling_logits,
+    token_logprobs,
+)
+from jaxrl.models.gpt2 import GPT2, GPT2Config, from_pretrained
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -125,8 +133,41 @@ def test_sampling_follows_the_tempered_distribution():
         np.testing.assert_allclose(np.bincount(tokens, minlength=3) / len(tokens), probs, atol=0.015)
 
 
-def test_sampled_logprobs_are_untempered(split_model, prompts):
+def test_sampled_logprobs_are_the_sampling_distributions(split_model, prompts):
     tokens, mask = prompts
     out = greedy(split_model, tokens, mask, temperature=0.7, top_k=50)
-    expected = token_logprobs(*split_model, out.tokens, out.mask) * out.response_mask
-    np.testing.assert_allclose(out.logprobs, expected, atol=1e-5)
+    expected = token_logprobs(*split_model, out.tokens, out.mask, temperature=0.7, top_k=50)
+    np.testing.assert_allclose(out.logprobs, expected * out.response_mask, atol=1e-5)
+    untempered = token_logprobs(*split_model, out.tokens, out.mask) * out.response_mask
+    assert np.abs(np.asarray(untempered - out.logprobs)).max() > 0.1
+
+
+def test_sampling_logits_temper_then_filter_by_hand():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2))
+    # Temperature 1/2 squares the probabilities: 0.25, 0.09, ...; top-2 renormalises those two.
+    scored = sampling_logits(logits, temperature=0.5, top_k=2, top_p=1.0)
+    picked = _gather_logprobs(scored, jnp.array([0, 1]))
+    np.testing.assert_allclose(picked, np.log([0.25 / 0.34, 0.09 / 0.34]), rtol=1e-5)
+
+
+def test_positions_past_n_positions_are_refused(split_model, prompts):
+    tokens, mask = prompts  # 6 columns; the model has 64 positions
+    with pytest.raises(ValueError, match=r"prompt \(6\) \+ max_new_tokens \(59\) is 65 tokens wide.*n_positions=64"):
+        greedy(split_model, tokens, mask, max_new_tokens=59)
+    wide = jnp.zeros((1, 65), jnp.int32)
+    with pytest.raises(ValueError, match="65 tokens wide, past the model's n_positions=64"):
+        token_logprobs(*split_model, wide, jnp.ones_like(wide))
+
+
+def test_the_head_and_log_softmax_run_in_float32_under_bfloat16_compute():
+    cfg = GPT2Config(vocab_size=64, pad_id=63, n_positions=8, n_embd=32, n_layer=1, n_head=2,
+                     dtype="bfloat16")
+    graphdef, params = nnx.split(GPT2(cfg, rngs=nnx.Rngs(0)))
+    tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+    logits = nnx.merge(graphdef, params)(tokens)[..., :62]
+    assert logits.dtype == jnp.float32
+    rounded = logits.astype(jnp.bfloat16).astype(jnp.float32)
+    assert float(jnp.mean(logits == rounded)) < 0.1  # bf16 logits would all round-trip
+    logprobs = token_logprobs(graphdef, params, tokens, jnp.ones_like(tokens))
+    assert logprobs.dtype == jnp.float32
+    assert float(jnp.mean(logprobs == logprobs.astype(jnp.bfloat16).astype(jnp.float32))) < 0.2

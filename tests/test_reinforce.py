@@ -1,6 +1,8 @@
-"""REINFORCE: baselines on hand-computed examples, response masks, the KL penalty, and a tiny
-GPT-2 whose mean sentiment reward rises under training."""
+"""Policy gradient for LMs: advantage estimators, KL estimators, losses and aggregations on
+hand-computed numbers; the update trains the distribution that sampled, accumulates
+micro-batches exactly and keeps KL out of the advantages; a tiny GPT-2 learns to be positive."""
 
+import dataclasses
 import functools
 
 import jax
@@ -10,122 +12,251 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxrl.algorithms.reinforce import (
+from jaxrl.algorithms.policy_gradient import (
     BaselineState,
-    CollapseGuard,
-    ReinforceConfig,
-    Rollout,
+    PolicyGradientConfig,
+    aggregate,
     compute_advantages,
     init_state,
-    make_train_step,
-    policy_gradient_loss,
+    is_reinforce,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    ppo_clip,
     update,
 )
 from jaxrl.core.config import ConfigError
 from jaxrl.envs.text import LengthPenaltyConfig, SentimentReward, TextEnv, WordTokenizer
-from jaxrl.models.generate import token_logprobs
+from jaxrl.envs.text.collector import (
+    CollapseGuard,
+    GuardConfig,
+    RolloutCollector,
+    RolloutConfig,
+    make_train_step,
+)
+from jaxrl.models.generate import Sampling, token_logprobs
 from jaxrl.models.gpt2 import GPT2, GPT2Config
 
 WORDS = ("good great love happy wonderful nice bad hate sad terrible awful ugly "
          "the a cat dog sat ran and it is day").split()
-PROMPTS = ["the cat", "a dog", "it is", "the day is", "the dog ran and", "a cat sat", "it ran", "the cat is"]
+PROMPTS = ["the cat", "a dog", "it is", "the day is", "the dog ran and", "a cat sat", "it ran",
+           "the cat is"]
+TOKENIZER = WordTokenizer(WORDS)
 
 
-def advantages(rewards, **cfg):
-    cfg = ReinforceConfig(**cfg)
-    adv, values, _ = compute_advantages(jnp.asarray(rewards, jnp.float32), BaselineState.zero(), cfg)
+def advantages(rewards, advantage, group_size):
+    cfg = PolicyGradientConfig(advantage=advantage)
+    adv, values, _ = compute_advantages(jnp.asarray(rewards, jnp.float32), group_size,
+                                        BaselineState.zero(), cfg)
     return np.asarray(adv), np.asarray(values)
 
 
-def test_leave_one_out_baseline_by_hand():
+def test_rloo_and_dr_grpo_by_hand():
     # Group 1: r = 1, 2, 3, 6 -> b_i = mean of the other three = 11/3, 10/3, 3, 2.
     # Group 2: r = 0, 0, 0, 4 -> b = 4/3, 4/3, 4/3, 0.
-    adv, values = advantages([1, 2, 3, 6, 0, 0, 0, 4], baseline="leave_one_out", group_size=4)
+    r = [1, 2, 3, 6, 0, 0, 0, 4]
+    adv, values = advantages(r, "rloo", 4)
     np.testing.assert_allclose(values, [11 / 3, 10 / 3, 3, 2, 4 / 3, 4 / 3, 4 / 3, 0], rtol=1e-6)
     np.testing.assert_allclose(adv, [-8 / 3, -4 / 3, 0, 4, -4 / 3, -4 / 3, -4 / 3, 4], rtol=1e-6)
-    # RLOO's advantage is G/(G-1) times the group-mean one.
-    group_adv, _ = advantages([1, 2, 3, 6, 0, 0, 0, 4], baseline="group_mean", group_size=4)
-    np.testing.assert_allclose(adv, group_adv * 4 / 3, rtol=1e-6)
+    # Dr.GRPO: the group mean, no std; RLOO's advantage is G/(G-1) times it.
+    dr, _ = advantages(r, "dr_grpo", 4)
+    np.testing.assert_allclose(dr, [-2, -1, 0, 3, -1, -1, -1, 3], rtol=1e-6)
+    np.testing.assert_allclose(adv, dr * 4 / 3, rtol=1e-6)
 
 
-def test_grpo_group_normalisation_and_batch_baselines():
+def test_grpo_divides_by_the_group_std_and_tied_groups_give_exactly_zero():
+    adv, _ = advantages([1.0, 3.0, 10.0, 10.0, 0.0, 4.0], "grpo", 2)
+    np.testing.assert_allclose(adv, [-1, 1, 0, 0, -1, 1], rtol=1e-6)
+    # Ties up to f32 rounding: 0.1 three times (its f32 mean is off by an ulp), and 5 against
+    # the next float32 after it. Dividing the leftover by its own std would give +-1.
+    tied = [0.1, 0.1, 0.1, 5.0, 5.0, float(np.nextafter(np.float32(5), np.float32(6)))]
+    for name in ("grpo", "rloo", "dr_grpo"):
+        adv, _ = advantages(tied, name, 3)
+        assert np.all(adv == 0.0), (name, adv)
+    adv, _ = advantages([0.0, 1e-3], "grpo", 2)  # a small but real difference still counts
+    np.testing.assert_allclose(adv, [-1, 1], rtol=1e-3)
+
+
+def test_batch_estimators_by_hand():
     r = np.array([1.0, 3.0, 10.0, 10.0, 0.0, 4.0])
-    adv, _ = advantages(r, baseline="group_mean", normalize="group", group_size=2)
-    np.testing.assert_allclose(adv, [-1, 1, 0, 0, -1, 1], atol=1e-4)  # equal rewards -> 0, not NaN
-    adv, values = advantages(r, baseline="batch_mean", group_size=2)
-    np.testing.assert_allclose(values, np.full(6, r.mean()), rtol=1e-6)
-    adv, _ = advantages(r, baseline="batch_mean", normalize="batch", group_size=2)
-    np.testing.assert_allclose(adv, (r - r.mean()) / r.std(), rtol=1e-4)
-    adv, values = advantages(r, baseline="none", group_size=2)
-    np.testing.assert_allclose(adv, r) and np.testing.assert_allclose(values, 0)
+    adv, values = advantages(r, "batch_mean", 2)
+    np.testing.assert_allclose(values, np.full(6, 14 / 3), rtol=1e-6)
+    adv, _ = advantages(r, "batch_norm", 2)
+    np.testing.assert_allclose(adv, (r - r.mean()) / r.std(), rtol=1e-5)
+    adv, _ = advantages([0.7] * 6, "batch_norm", 2)
+    assert np.all(adv == 0.0)
+    adv, values = advantages(r, "none", 2)
+    np.testing.assert_allclose(adv, r)
+    np.testing.assert_allclose(values, 0)
 
 
 def test_moving_average_baseline_carries_across_steps():
-    cfg = ReinforceConfig(baseline="moving_average", moving_average_decay=0.5, group_size=2)
+    cfg = PolicyGradientConfig(advantage="moving_average", moving_average_decay=0.5)
     state = BaselineState.zero()
-    adv, values, state = compute_advantages(jnp.array([1.0, 3.0]), state, cfg)
+    adv, values, state = compute_advantages(jnp.array([1.0, 3.0]), 2, state, cfg)
     np.testing.assert_allclose(values, [2.0, 2.0])  # first batch: its own mean
     assert float(state.value) == 2.0 and int(state.count) == 1
-    adv, values, state = compute_advantages(jnp.array([6.0, 6.0]), state, cfg)
+    adv, values, state = compute_advantages(jnp.array([6.0, 6.0]), 2, state, cfg)
     np.testing.assert_allclose(values, [2.0, 2.0])  # the past, not this batch
     np.testing.assert_allclose(adv, [4.0, 4.0])
     assert float(state.value) == pytest.approx(0.5 * 2.0 + 0.5 * 6.0) and int(state.count) == 2
 
 
-@pytest.mark.parametrize("bad", [dict(baseline="leave_one_out", group_size=1),
-                                 dict(normalize="group", baseline="batch_mean", group_size=1),
-                                 dict(moving_average_decay=1.0), dict(kl_coef=-0.1)])
+@pytest.mark.parametrize("bad,match", [
+    (dict(temperature=0.0), "temperature=0"),
+    (dict(advantage="rloo", group_size=1), "group_size must be >= 2"),
+    (dict(advantage="grpo", group_size=1), "group_size must be >= 2"),
+    (dict(minibatches=3), "equal slices"),
+    (dict(micro_batches=5, minibatches=2), "equal slices"),
+])
+def test_rollout_settings_the_update_cannot_learn_from_are_rejected(bad, match):
+    sampling = {k: bad.pop(k) for k in ("temperature",) if k in bad}
+    group_size = bad.pop("group_size", 4)
+    cfg = PolicyGradientConfig(**bad)
+    with pytest.raises(ConfigError, match=match):
+        cfg.check_rollout(batch_size=8 * group_size, group_size=group_size,
+                          temperature=sampling.get("temperature", 1.0))
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(micro_batches=0), dict(clip_eps=1.0),
+                                 dict(kl_coef=-0.1), dict(moving_average_decay=1.0)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError, match="reinforce"):
-        ReinforceConfig(**bad).validate()
+        PolicyGradientConfig(**bad).validate()
 
 
-def test_loss_ignores_everything_outside_the_response_mask():
-    logprobs = jnp.array([[-1.0, -2.0, -3.0, -4.0], [-0.5, -0.5, -0.5, -0.5]])
-    response = jnp.array([[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
-    adv = jnp.array([2.0, -1.0])
-    loss = policy_gradient_loss(logprobs, response, adv)
-    assert float(loss) == pytest.approx(-(2.0 * -5.0 + -1.0 * -1.0) / 2)
-    grad = jax.grad(policy_gradient_loss)(logprobs, response, adv)
-    np.testing.assert_allclose(grad, -adv[:, None] * response / 2)  # zero off the mask
+def test_kl_estimators_by_hand():
+    logp, ref = jnp.log(jnp.array([0.5])), jnp.log(jnp.array([0.25]))
+    # r = pi_ref / pi = 1/2: k1 = log 2, k2 = (log 2)^2 / 2, k3 = r - log r - 1 = log 2 - 1/2.
+    assert float(kl_k1(logp, ref)[0]) == pytest.approx(np.log(2), rel=1e-6)
+    assert float(kl_k2(logp, ref)[0]) == pytest.approx(np.log(2) ** 2 / 2, rel=1e-6)
+    assert float(kl_k3(logp, ref)[0]) == pytest.approx(np.log(2) - 0.5, rel=1e-6)
+    # A token the policy's own top-k dropped (log-prob near f32's minimum) has probability 0
+    # under it: no KL. A log-ratio of 49 is clamped to 20.
+    dropped, ref = jnp.array([jnp.finfo(jnp.float32).min, -50.0]), jnp.array([-1.0, -1.0])
+    for estimator in (kl_k1, kl_k2, kl_k3):
+        assert float(estimator(dropped, ref)[0]) == 0.0
+    assert float(kl_k3(dropped, ref)[1]) == pytest.approx(np.exp(20.0) - 21.0, rel=1e-6)
 
 
-def tiny_model(tokenizer, seed=0):
-    cfg = GPT2Config(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, n_positions=16,
-                     n_embd=64, n_layer=2, n_head=2)
+def test_loss_aggregations_by_hand():
+    values = jnp.array([[1.0, 2.0, 9.0], [4.0, 9.0, 9.0]])
+    mask = jnp.array([[1, 1, 0], [1, 0, 0]])
+    expected = {"token-mean": 7 / 3, "seq-mean-token-mean": (1.5 + 4) / 2,
+                "seq-mean-token-sum": (3 + 4) / 2, "seq-mean-token-sum-norm": 7 / 6}
+    for name, value in expected.items():
+        assert float(aggregate(values, mask, name)) == pytest.approx(value, rel=1e-6), name
+
+
+def test_ppo_clip_by_hand():
+    cfg = PolicyGradientConfig(clip_eps=0.2)
+    ratio = jnp.array([1.5, 1.5, 0.5, 0.5])
+    adv = jnp.array([1.0, -1.0, 1.0, -1.0])
+    loss, clipped = ppo_clip(jnp.log(ratio), jnp.zeros(4), adv, cfg)
+    # r A vs clip(r) A, the smaller objective wins: 1.2 (clipped), -1.5, 0.5, -0.8 (clipped).
+    np.testing.assert_allclose(loss, [-1.2, 1.5, -0.5, 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(clipped, [1, 0, 0, 1])
+    grad = jax.grad(lambda lp: ppo_clip(lp, jnp.zeros(4), adv, cfg)[0].sum())(jnp.log(ratio))
+    np.testing.assert_allclose(grad, [0.0, 1.5, -0.5, 0.0], rtol=1e-6)  # -r A where unclipped
+
+
+def test_is_reinforce_on_policy_is_the_reinforce_gradient():
+    logp = jnp.array([-1.0, -2.0, -0.5])
+    adv = jnp.array([2.0, -1.0, 0.5])
+    loss, _ = is_reinforce(logp, logp, adv, PolicyGradientConfig())
+    np.testing.assert_allclose(loss, -adv)  # ratio 1
+    grad = jax.grad(lambda lp: is_reinforce(lp, logp, adv, PolicyGradientConfig())[0].sum())(logp)
+    np.testing.assert_allclose(grad, -adv)
+
+
+def tiny_model(seed=0, n_layer=2, n_embd=64):
+    cfg = GPT2Config(vocab_size=TOKENIZER.vocab_size, pad_id=TOKENIZER.pad_id, n_positions=16,
+                     n_embd=n_embd, n_layer=n_layer, n_head=2)
     return GPT2(cfg, rngs=nnx.Rngs(seed))
 
 
-def test_update_adds_the_kl_penalty_to_the_reference_and_reports_components():
-    tokenizer = WordTokenizer(WORDS)
-    state = init_state(tiny_model(tokenizer, seed=0), optax.sgd(0.0))
-    graphdef, params = state.graphdef, state.params
-    ref_params = nnx.state(tiny_model(tokenizer, seed=1), nnx.Param)
-    pad, eot = tokenizer.pad_id, tokenizer.eot_id
-    tokens = jnp.array([[pad, 12, 13, 0, 1, eot], [12, 14, 15, 6, pad, pad]], jnp.int32)
-    mask = (tokens != pad).astype(jnp.int32)
-    response = jnp.array([[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 0, 0]], jnp.int32)
-    ref = token_logprobs(graphdef, ref_params, tokens, mask) * response
-    rollout = Rollout(tokens, mask, response, ref, rewards={
-        "sentiment": jnp.array([0.8, -0.5]), "length_penalty": jnp.array([0.0, -0.1]),
-        "reward": jnp.array([0.8, -0.6])})
-    cfg = ReinforceConfig(kl_coef=0.1, group_size=2, baseline="batch_mean")
-    _, metrics = jax.jit(lambda s, r: update(s, r, jax.random.key(0), cfg=cfg))(state, rollout)
-    policy = token_logprobs(graphdef, params, tokens, mask)
-    kl = np.asarray(((policy - ref) * response).sum(-1))
-    assert float(metrics["kl"]) == pytest.approx(kl.mean(), rel=1e-5) and abs(kl.mean()) > 0.01
-    assert float(metrics["reward/kl_penalty"]) == pytest.approx(-0.1 * kl.mean(), rel=1e-5)
-    assert float(metrics["reward"]) == pytest.approx(0.1 - 0.1 * kl.mean(), rel=1e-5)
-    assert float(metrics["reward/sentiment"]) == pytest.approx(0.15)
-    assert float(metrics["reward/length_penalty"]) == pytest.approx(-0.05)
-    assert float(metrics["response_length"]) == pytest.approx(2.0)
-    entropy = -float((policy * response).sum() / response.sum())
-    assert float(metrics["entropy"]) == pytest.approx(entropy, rel=1e-5)
+def sentiment_env():
+    reward = SentimentReward(LengthPenaltyConfig(min_tokens=4, max_tokens=8, per_token=0.1))
+    return TextEnv(PROMPTS, TOKENIZER, reward, max_prompt_tokens=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def rollout():
+    """16 completions (4 prompts x 4) of a random 1-layer GPT-2 (`small_model`) at
+    temperature 0.5, top-k 5, with a reference model of another seed."""
+    graphdef, params = nnx.split(small_model(0))
+    ref_params = nnx.state(small_model(1), nnx.Param)
+    cfg = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=8,
+                        sampling=Sampling(temperature=0.5, top_k=5))
+    collector = RolloutCollector(sentiment_env(), graphdef, cfg, n_positions=16,
+                                 ref_params=ref_params)
+    return collector.collect(params, 0, jax.random.key(0))
+
+
+small_model = functools.partial(tiny_model, n_layer=1, n_embd=32)
+
+
+def run_update(rollout, optimizer=optax.sgd(0.0), **cfg):
+    state = init_state(small_model(0), optimizer)
+    cfg = PolicyGradientConfig(**cfg)
+    return jax.jit(lambda s, r: update(s, r, jax.random.key(1), cfg=cfg))(state, rollout)
+
+
+def test_the_update_scores_tokens_under_the_sampling_distribution(rollout):
+    """PPO's first step compares the policy with the sampler: at the sampling params every
+    ratio is 1 (nothing clipped) only if the loss applies the sampler's temperature and top-k."""
+    _, metrics = run_update(rollout, loss="ppo_clip", clip_eps=0.05, kl_coef=0.0)
+    assert float(metrics["clip_fraction"]) == 0.0
+    # Scored untempered and unfiltered (the old, biased loss), most ratios are far from 1.
+    untempered = token_logprobs(*nnx.split(small_model(0)), rollout.tokens, rollout.mask)
+    ratio = np.exp(np.asarray(untempered - rollout.logprobs))[np.asarray(rollout.response_mask) == 1]
+    assert np.mean(np.abs(ratio - 1) > 0.05) > 0.5
+
+
+def test_kl_is_a_per_token_loss_term_not_part_of_the_advantage(rollout):
+    rewards = {"reward": jnp.full(16, 0.4)}  # tied rewards: every advantage is 0
+    tied = dataclasses.replace(rollout, rewards=rewards)
+    _, metrics = run_update(tied, kl_coef=0.5, advantage="grpo", loss_agg="token-mean")
+    policy = token_logprobs(*nnx.split(small_model(0)), rollout.tokens, rollout.mask,
+                            **rollout.sampling.kwargs())
+    kl = float(aggregate(kl_k3(policy, rollout.ref_logprobs), rollout.response_mask, "token-mean"))
+    assert float(metrics["advantage_std"]) == 0.0 and float(metrics["pg_loss"]) == 0.0
+    assert float(metrics["kl_loss"]) == pytest.approx(kl, rel=1e-4) and kl > 0.01
+    assert float(metrics["loss"]) == pytest.approx(0.5 * kl, rel=1e-4)
+    assert float(metrics["reward"]) == pytest.approx(0.4)  # the host reward, no KL mixed in
+    # The KL measured from the sampler's log-probs: summed per completion, then averaged.
+    k1 = ((rollout.logprobs - rollout.ref_logprobs) * rollout.response_mask).sum(-1).mean()
+    assert float(metrics["kl"]) == pytest.approx(float(k1), rel=1e-5)
+
+
+def test_micro_batches_accumulate_the_same_gradient(rollout):
+    one, _ = run_update(rollout, optax.sgd(1.0), loss_agg="token-mean", advantage="rloo")
+    four, _ = run_update(rollout, optax.sgd(1.0), loss_agg="token-mean", advantage="rloo",
+                         micro_batches=4)
+    before = nnx.state(small_model(0), nnx.Param)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), one.params, before)
+    assert max(jax.tree.leaves(moved)) > 1e-3
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), one.params, four.params)
+
+
+def test_epochs_times_minibatches_optimizer_steps_make_one_train_step(rollout):
+    state, metrics = run_update(rollout, optax.adam(1e-3), loss="ppo_clip", epochs=2, minibatches=2)
+    assert int(state.step) == 1
+    assert int(state.opt_state[0].count) == 4  # adam stepped 2 epochs x 2 minibatches times
+    assert np.isfinite(float(metrics["loss"])) and 0.0 <= float(metrics["clip_fraction"]) <= 1.0
+
+
+def test_collector_refuses_prompts_and_completions_past_n_positions():
+    graphdef, _ = nnx.split(small_model(0))
+    with pytest.raises(ValueError, match=r"max_prompt_tokens \(4\) \+ rollout.max_new_tokens "
+                                         r"\(13\) is 17 tokens wide.*n_positions=16"):
+        RolloutCollector(sentiment_env(), graphdef, RolloutConfig(max_new_tokens=13),
+                         n_positions=16, ref_params=None)
 
 
 def test_collapse_guard_warns_once_per_excursion():
     logged = []
-    guard = CollapseGuard(ReinforceConfig(entropy_floor=0.5, kl_ceiling=2.0), log=logged.append)
+    guard = CollapseGuard(GuardConfig(entropy_floor=0.5, kl_ceiling=2.0), log=logged.append)
     assert guard.check(1, entropy=1.0, kl=0.1) == []
     assert len(guard.check(2, entropy=0.2, kl=3.0)) == 2
     assert guard.check(3, entropy=0.1, kl=3.0) == []  # still out of bounds: no repeat
@@ -136,27 +267,30 @@ def test_collapse_guard_warns_once_per_excursion():
     assert len(logged) == 3
 
 
-@pytest.mark.parametrize("baseline,normalize", [("leave_one_out", "none"),
-                                                ("moving_average", "none"),
-                                                ("group_mean", "group")])  # the last is GRPO
-def test_tiny_gpt2_learns_to_be_positive(baseline, normalize):
+@pytest.mark.parametrize("settings", [
+    dict(advantage="rloo"),
+    dict(advantage="moving_average"),
+    dict(advantage="grpo", loss="ppo_clip", loss_agg="seq-mean-token-mean", epochs=2,
+         minibatches=2),
+], ids=["rloo", "moving_average", "grpo_ppo_clip"])
+def test_tiny_gpt2_learns_to_be_positive(settings):
     """A random-init 2-layer GPT-2 over 24 words samples near-uniformly, so VADER sentiment
-    starts near 0; REINFORCE with a KL penalty must push the mean sentiment clearly up."""
-    tokenizer = WordTokenizer(WORDS)
-    reward = SentimentReward(LengthPenaltyConfig(min_tokens=4, max_tokens=8, per_token=0.1))
-    env = TextEnv(PROMPTS, tokenizer, reward, max_prompt_tokens=4, seed=0)
-    cfg = ReinforceConfig(prompts_per_step=8, group_size=4, max_new_tokens=8, kl_coef=0.01,
-                          baseline=baseline, normalize=normalize)
-    state = init_state(tiny_model(tokenizer), optax.adam(3e-3))
+    starts near 0; the update with a KL term must push the mean sentiment clearly up."""
+    rollout_cfg = RolloutConfig(prompts_per_step=8, group_size=4, max_new_tokens=8)
+    cfg = PolicyGradientConfig(kl_coef=0.01, **settings)
+    cfg.check_rollout(batch_size=rollout_cfg.batch_size, group_size=rollout_cfg.group_size,
+                      temperature=rollout_cfg.sampling.temperature)
+    state = init_state(tiny_model(), optax.adam(3e-3))
     ref_params = jax.tree.map(jnp.copy, state.params)  # the step donates state.params
     update_fn = jax.jit(functools.partial(update, cfg=cfg), donate_argnums=0)
-    step, collector = make_train_step(env, state.graphdef, cfg, ref_params=ref_params,
-                                      update_fn=update_fn,
-                                      guard=CollapseGuard(cfg, log=lambda _: None))
+    step, collector = make_train_step(sentiment_env(), state.graphdef, rollout_cfg, n_positions=16,
+                                      ref_params=ref_params, update_fn=update_fn,
+                                      guard=CollapseGuard(GuardConfig(), log=lambda _: None))
     history = []
     for i in range(20):
         state, metrics = step(state, None, jax.random.fold_in(jax.random.key(0), i))
-        history.append(jax.device_get(metrics))
+        history.append(metrics)
+    history = jax.device_get(history)
     sentiment = [float(m["reward/sentiment"]) for m in history]
     assert abs(sentiment[0]) < 0.3, sentiment
     assert np.mean(sentiment[-5:]) > sentiment[0] + 0.4, sentiment
@@ -189,7 +323,7 @@ def test_recipe_logs_every_component_and_resumes(tmp_path, shared_data):
     run_dir = tmp_path / "run"
     args = ["configs/reinforce_sentiment.yaml", f"run.dir={run_dir}", f"init_from={tmp_path / 'sft'}",
             "prompts.prefix_tokens=4", "prompts.limit=64", "prompts.eval_prompts=8",
-            "reinforce.prompts_per_step=4", "reinforce.group_size=2", "reinforce.max_new_tokens=6",
+            "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=6",
             "loop.log_every=1", "loop.eval_every=2", "loop.checkpoint_every=2", "loop.progress=false"]
     assert launch.main([*args, "loop.steps=2"]) == 0
     assert launch.main([*args, "loop.steps=3"]) == 0  # resumes from the step-2 checkpoint
@@ -197,7 +331,7 @@ def test_recipe_logs_every_component_and_resumes(tmp_path, shared_data):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3]
-    for key in ("reward", "reward/sentiment", "reward/length_penalty", "reward/kl_penalty", "kl",
+    for key in ("reward", "reward/sentiment", "reward/length_penalty", "kl", "kl_loss", "pg_loss",
                 "entropy", "response_length", "baseline"):
         assert all(np.isfinite(r[key]) for r in train_rows), key
     evals = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]

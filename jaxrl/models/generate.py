@@ -2,11 +2,15 @@
 
 Functions take the model as `(graphdef, params)` from `nnx.split(model)`, so they are pure and
 can run inside a jitted RL step. `token_logprobs` is the one place sequence log-probabilities
-are computed: losses and rollouts both use it, so their numerics agree.
+are computed: losses and rollouts both use it, so their numerics agree. Both apply the
+sampling transform (`temperature`, then `top_k` / `top_p`) with one function,
+`sampling_logits`, so a loss scores tokens under the distribution that sampled them, and both
+take the log-softmax in float32 (the model's head already returns f32 logits).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.struct
@@ -26,25 +30,68 @@ class Generation:
     tokens: jax.Array  # int32; pad_id after EOS and on left padding
     mask: jax.Array  # 1 on real tokens (prompt and generated)
     response_mask: jax.Array  # 1 on generated tokens up to and including EOS
-    logprobs: jax.Array  # f32 log p(token | prefix) at temperature 1, 0 where response_mask = 0
+    logprobs: jax.Array  # f32 log p(token | prefix) under the sampling transform, 0 off the response
 
 
-def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How tokens are drawn: `temperature` (0 = greedy), then `top_k` (0 = off) and `top_p`
+    (1 = off). Frozen, so a rollout can carry it as a static (compile-time) setting."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def validate(self):
+        if self.temperature < 0 or self.top_k < 0:
+            raise ValueError(f"sampling: temperature and top_k must be >= 0, got "
+                             f"{self.temperature} and {self.top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling: top_p must be in (0, 1], got {self.top_p}.")
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_positions(n_positions: int, width: int, what: str = "the sequence"):
+    """GPT-2 has `n_positions` learned positions; past them the embedding lookup would clamp
+    silently and every later token would share the last position."""
+    if width > n_positions:
+        raise ValueError(f"{what} is {width} tokens wide, past the model's n_positions="
+                         f"{n_positions}; shorten the prompt (max_prompt_tokens / prefix_tokens) "
+                         "or max_new_tokens.")
+
+
+def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, mask: jax.Array,
+                   *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """log p(tokens[:, t] | tokens[:, :t]) as [B, T] float32; 0 at t = 0 and where mask = 0.
 
+    p is the model's distribution after the sampling transform (see `sampling_logits`), so
+    with the settings `generate` sampled with this equals its `Generation.logprobs`.
     Differentiable; uses the model's full forward pass (no cache), as training losses do.
     """
     model = nnx.merge(graphdef, params)
-    logits = model(tokens, mask)
-    logprobs = _gather_logprobs(logits[:, :-1], tokens[:, 1:])
+    check_positions(model.cfg.n_positions, tokens.shape[1])
+    logits = sampling_logits(model(tokens, mask)[:, :-1], temperature, top_k, top_p)
+    logprobs = _gather_logprobs(logits, tokens[:, 1:])
     logprobs = jnp.where(mask[:, 1:].astype(bool), logprobs, 0.0)
     return jnp.pad(logprobs, ((0, 0), (1, 0)))
 
 
 def _gather_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Log-softmax at `tokens`, in float32."""
     logits = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def sampling_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """The logits of the distribution tokens are drawn from: f32, divided by the temperature
+    (0, greedy, scores with the untempered model), then top-k / top-p filtered."""
+    logits = logits.astype(jnp.float32)
+    if temperature > 0.0:
+        logits = logits / temperature
+    return _filter_logits(logits, top_k, top_p)
 
 
 def _filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -66,10 +113,28 @@ def _filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
 
 def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
     """One token per row from [B, V] logits; temperature 0 is greedy (argmax)."""
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = _filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return _draw(sampling_logits(logits, temperature, top_k, top_p), key, greedy=temperature == 0.0)
+
+
+def _draw(scored: jax.Array, key: jax.Array, *, greedy: bool) -> jax.Array:
+    """A token per row from `sampling_logits` output."""
+    if greedy:
+        return jnp.argmax(scored, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, scored, axis=-1).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class _Decode:
+    """The decode loop's carry."""
+
+    step: jax.Array  # [] int32, tokens generated so far
+    tokens: jax.Array
+    response_mask: jax.Array
+    logprobs: jax.Array
+    last_logits: jax.Array  # [B, V] logits for the next token
+    done: jax.Array  # [B] bool, the row has emitted EOS
+    cache: KVCache
+    key: jax.Array
 
 
 @functools.partial(
@@ -101,13 +166,18 @@ def generate(
       eos_id: a row stops after sampling it; later slots hold `pad_id` with masks 0.
 
     Returns:
-      `Generation`. `logprobs` come from the untempered, unfiltered model distribution (the
-      distribution `token_logprobs` scores), which is what policy-gradient ratios need.
-      The loop exits early once every row has emitted EOS.
+      `Generation`. `logprobs` score each token under the distribution it was drawn from
+      (tempered and filtered; untempered when greedy), as `token_logprobs` with the same
+      settings does. The loop exits early once every row has emitted EOS.
+
+    Raises:
+      ValueError: `P + max_new_tokens` exceeds the model's `n_positions`.
     """
     model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt_tokens.shape
     total_len = prompt_len + max_new_tokens
+    check_positions(model.cfg.n_positions, total_len,
+                    f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens})")
     prompt_mask = prompt_mask.astype(bool) & (prompt_tokens != pad_id)
 
     cache = KVCache.empty(model.cfg, batch, total_len)
@@ -116,27 +186,29 @@ def generate(
     response_mask = jnp.zeros((batch, total_len), bool)
     logprobs = jnp.zeros((batch, total_len), jnp.float32)
 
-    def still_going(carry):
-        step, _, _, _, _, done, _, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
+    def still_going(carry: _Decode):
+        return (carry.step < max_new_tokens) & ~jnp.all(carry.done)
 
-    def decode_step(carry):
-        step, tokens, response_mask, logprobs, last_logits, done, cache, key = carry
-        key, sample_key = jax.random.split(key)
-        token = sample_token(last_logits, sample_key, temperature=temperature, top_k=top_k, top_p=top_p)
-        real = ~done  # rows that already emitted EOS write padding from now on
-        token = jnp.where(real, token, pad_id)
-        logprob = jnp.where(real, _gather_logprobs(last_logits, token), 0.0)
-        column = prompt_len + step
-        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, column))
-        response_mask = jax.lax.dynamic_update_slice(response_mask, real[:, None], (0, column))
-        logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, column))
-        logits, cache = model(token[:, None], real[:, None], cache=cache)
-        done = done | (token == eos_id)
-        return step + 1, tokens, response_mask, logprobs, logits[:, -1], done, cache, key
+    def decode_step(c: _Decode) -> _Decode:
+        key, sample_key = jax.random.split(c.key)
+        scored = sampling_logits(c.last_logits, temperature, top_k, top_p)
+        real = ~c.done  # rows that already emitted EOS write padding from now on
+        token = jnp.where(real, _draw(scored, sample_key, greedy=temperature == 0.0), pad_id)
+        logprob = jnp.where(real, _gather_logprobs(scored, token), 0.0)
+        column = prompt_len + c.step
+        logits, cache = model(token[:, None], real[:, None], cache=c.cache)
+        return _Decode(
+            step=c.step + 1,
+            tokens=jax.lax.dynamic_update_slice(c.tokens, token[:, None], (0, column)),
+            response_mask=jax.lax.dynamic_update_slice(c.response_mask, real[:, None], (0, column)),
+            logprobs=jax.lax.dynamic_update_slice(c.logprobs, logprob[:, None], (0, column)),
+            last_logits=logits[:, -1], done=c.done | (token == eos_id), cache=cache, key=key)
 
-    carry = (jnp.int32(0), tokens, response_mask, logprobs, logits[:, -1], jnp.zeros(batch, bool), cache, key)
-    _, tokens, response_mask, logprobs, _, _, _, _ = jax.lax.while_loop(still_going, decode_step, carry)
+    start = _Decode(step=jnp.int32(0), tokens=tokens, response_mask=response_mask,
+                    logprobs=logprobs, last_logits=logits[:, -1], done=jnp.zeros(batch, bool),
+                    cache=cache, key=key)
+    end = jax.lax.while_loop(still_going, decode_step, start)
+    tokens, response_mask, logprobs = end.tokens, end.response_mask, end.logprobs
 
     mask = jnp.concatenate([prompt_mask, response_mask[:, prompt_len:]], axis=1)
     return Generation(

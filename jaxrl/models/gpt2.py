@@ -299,7 +299,10 @@ class GPT2(nnx.Module):
                 x = block(x, attend, deterministic=deterministic, dropout_key=dropout_key)
 
         x = self.ln_f(x)
-        logits = self.wte.attend(x).astype(jnp.float32)
+        # The tied head runs in f32 whatever the compute dtype: bf16 logits would round every
+        # log-prob an RL loss or ratio reads by up to ~0.03 nats at logits of ~10.
+        embedding = self.wte.embedding[...].astype(jnp.float32)  # [V, C]
+        logits = jnp.einsum("btc,vc->btv", x.astype(jnp.float32), embedding)
         # Pad is an input-only token and rows past vocab_size only fill the tensor shards: the
         # model never predicts either (finite, so masked losses stay 0).
         ids = jnp.arange(cfg.embedding_rows)

@@ -1,8 +1,10 @@
-"""Fine-tune a GPT-2 checkpoint with REINFORCE (RLOO/GRPO baselines) towards positive sentiment.
+"""Fine-tune a GPT-2 checkpoint with REINFORCE / PPO-clip (RLOO, GRPO, Dr.GRPO advantages)
+towards positive sentiment.
 
 Starts from a Hugging Face-layout GPT-2 directory (by default the one the SFT recipe exports),
-samples completions of corpus prompts, scores them on the host (VADER sentiment + length
-penalty), subtracts a KL penalty to the frozen starting model, and updates. Logs every reward
+samples completions of corpus prompts (`rollout:`), scores them on the host (VADER sentiment +
+length penalty), and updates on the task reward with a per-token KL term to the frozen
+starting model (`reinforce:`, `jaxrl.algorithms.policy_gradient`). Logs every reward
 component, entropy, KL and response length; each evaluation scores held-out prompts and
 appends a few samples to `<run dir>/samples.jsonl` (step 0 = before training).
 """
@@ -20,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl.algorithms.optimizer import OptimizerConfig, make_optimizer
-from jaxrl.algorithms.reinforce import ReinforceConfig, init_state, make_train_step, update
+from jaxrl.algorithms.policy_gradient import PolicyGradientConfig, init_state, update
 from jaxrl.core.config import ConfigError, RecipeConfig
 from jaxrl.core.checkpoint import Checkpointer
 from jaxrl.core.loop import checkpoint_dir, train
@@ -29,6 +31,7 @@ from jaxrl.core.step import compile_step, sharded_init
 from jaxrl.data.sources import load_prompts, resolve_path
 from jaxrl.data.tokenizer import Tokenizer
 from jaxrl.envs.text import LengthPenaltyConfig, SentimentReward, TextEnv
+from jaxrl.envs.text.collector import CollapseGuard, GuardConfig, RolloutConfig, make_train_step
 from jaxrl.models import gpt2
 
 SFT_COMMAND = "python -m jaxrl.launch configs/sft_gpt2_shakespeare.yaml"
@@ -66,10 +69,22 @@ class Config(RecipeConfig):
     init_from: str = "runs/sft_gpt2_shakespeare/hf"  # HF GPT-2 directory (the SFT recipe's export)
     prompts: PromptConfig = dataclasses.field(default_factory=PromptConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
-    reinforce: ReinforceConfig = dataclasses.field(default_factory=ReinforceConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    reinforce: PolicyGradientConfig = dataclasses.field(default_factory=PolicyGradientConfig)
+    guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(
         lr=1e-4, warmup_steps=10, decay_steps=1000, weight_decay=0.0))
     samples_per_eval: int = 4  # completions printed and written to samples.jsonl per evaluation
+
+    @property
+    def prompt_width(self) -> int:
+        """Prompt columns: the prefix length, or 32 tokens of a whole-line prompt."""
+        return self.prompts.prefix_tokens or 32
+
+    def validate(self):
+        self.reinforce.check_rollout(batch_size=self.rollout.batch_size,
+                                     group_size=self.rollout.group_size,
+                                     temperature=self.rollout.sampling.temperature)
 
 
 def load_policy(init_from: str) -> gpt2.GPT2:
@@ -85,10 +100,10 @@ def load_policy(init_from: str) -> gpt2.GPT2:
 def run(cfg: Config) -> dict:
     tokenizer = Tokenizer.gpt2()
     model = load_policy(cfg.init_from)
-    if cfg.prompts.prefix_tokens + cfg.reinforce.max_new_tokens > model.cfg.n_positions:
-        raise ConfigError(f"prompts.prefix_tokens + reinforce.max_new_tokens = "
-                          f"{cfg.prompts.prefix_tokens + cfg.reinforce.max_new_tokens} exceeds the "
-                          f"model's n_positions={model.cfg.n_positions}.")
+    if cfg.prompt_width + cfg.rollout.max_new_tokens > model.cfg.n_positions:
+        raise ConfigError(f"prompt width ({cfg.prompt_width}: prompts.prefix_tokens, or 32 "
+                          f"without) + rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) "
+                          f"exceeds the model's n_positions={model.cfg.n_positions}.")
     prompts = load_prompts(resolve_path(cfg.prompts.path, cfg.prompts.data_dir), prefix_tokens=cfg.prompts.prefix_tokens,
                            separator=cfg.prompts.separator, text_field=cfg.prompts.text_field,
                            tokenizer=tokenizer, limit=cfg.prompts.limit)
@@ -96,15 +111,13 @@ def run(cfg: Config) -> dict:
         raise ConfigError(f"prompts: {len(prompts)} prompts leave none for training after holding "
                           f"out eval_prompts={cfg.prompts.eval_prompts}; lower it or add prompts.")
     reward = SentimentReward(cfg.reward.length_penalty, sentiment_weight=cfg.reward.sentiment_weight)
-    width = cfg.prompts.prefix_tokens or 32
     env = TextEnv(prompts[:-cfg.prompts.eval_prompts], tokenizer, reward,
-                  max_prompt_tokens=width, seed=cfg.run.seed)
+                  max_prompt_tokens=cfg.prompt_width, seed=cfg.run.seed)
     eval_env = TextEnv(prompts[-cfg.prompts.eval_prompts:], tokenizer, reward,
-                       max_prompt_tokens=width, seed=cfg.run.seed)
+                       max_prompt_tokens=cfg.prompt_width, seed=cfg.run.seed)
 
     mesh = make_mesh(cfg.mesh)
-    check_batch_size(cfg.reinforce.prompts_per_step * cfg.reinforce.group_size, mesh,
-                     "reinforce.prompts_per_step*group_size")
+    check_batch_size(cfg.rollout.batch_size, mesh, "rollout.prompts_per_step*group_size")
     check_batch_size(cfg.prompts.eval_prompts, mesh, "prompts.eval_prompts")
     graphdef, weights = nnx.split(model)
     tx = make_optimizer(cfg.optimizer)
@@ -112,8 +125,9 @@ def run(cfg: Config) -> dict:
     ref_params = shard_state(nnx.state(model, nnx.Param), mesh)  # frozen
     update_fn = compile_step(functools.partial(update, cfg=cfg.reinforce), mesh, init.shardings)
     step_fn, collector = make_train_step(
-        env, init.abstract.graphdef, cfg.reinforce, ref_params=ref_params, update_fn=update_fn,
-        batch_sharding=lambda ndim: batch_sharding(mesh, ndim))
+        env, init.abstract.graphdef, cfg.rollout, n_positions=model.cfg.n_positions,
+        ref_params=ref_params, update_fn=update_fn,
+        batch_sharding=lambda ndim: batch_sharding(mesh, ndim), guard=CollapseGuard(cfg.guard))
     run_dir = Path(cfg.run.dir)
     eval_key = jax.random.key(cfg.run.seed + 1)  # the same key every eval: comparable samples
 
