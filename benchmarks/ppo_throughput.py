@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import jax
+
+from machine import machine_info  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "ppo_prospector.yaml"
@@ -88,10 +88,7 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "ppo_throughput",
         "config": args.config,
-        "backend": jax.default_backend(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1m": os.getloadavg()[0],
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine_info(),
         "goal_env_steps_per_sec": 100_000,
         "runs": runs,
     }

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 import jax
@@ -65,7 +64,8 @@ def env_benchmark(env_counts=(64, 1024, 8192), steps_per_call: int = 0) -> dict:
 
 
 def main():
-    from ppo_throughput import ppo_throughput  # benchmarks/ is on sys.path when run as a script
+    from machine import machine_info  # benchmarks/ is on sys.path when run as a script
+    from ppo_throughput import ppo_throughput
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envs", type=int, nargs="+", default=[64, 1024, 8192])
@@ -73,8 +73,7 @@ def main():
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
     results = {
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
-                    "backend": jax.default_backend(), "jax": jax.__version__},
+        "machine": machine_info(),
         "env_steps_per_s": env_benchmark(args.envs, args.steps),
         "ppo_default_config": {impl: ppo_throughput(env_impl=impl) for impl in
                                (["jax", "native"] if native.available() else ["jax"])},

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, struct
+from gymnax.environments import environment, spaces
 
 from jaxrl import envs
 from jaxrl.algorithms.ppo import (
@@ -285,15 +286,13 @@ def test_gaussian_log_prob_is_of_the_unclipped_sample_and_the_env_gets_clipped_a
     assert float(jnp.abs(grads.log_std[...]).sum()) > 0
 
 
-class TupleActionEnv(__import__("gymnax").environments.environment.Environment):
+class TupleActionEnv(environment.Environment):
     """A gymnax env whose actions are a pair of choices: no jaxrl policy emits that."""
 
     def action_space(self, params=None):
-        from gymnax.environments import spaces
         return spaces.Tuple([spaces.Discrete(2), spaces.Discrete(3)])
 
     def observation_space(self, params=None):
-        from gymnax.environments import spaces
         return spaces.Box(-1.0, 1.0, (2,))
 
     @property

@@ -1,0 +1,54 @@
+"""What a benchmark number was measured on: CPU model, the SIMD/matrix flags that change the
+answer (AVX-512 BF16 and AMX decide whether bf16 is fast), cores, load, JAX backend.
+
+    from machine import machine_info      # benchmarks/ is on sys.path when run as a script
+    report["machine"] = machine_info(shared=True)
+
+Every benchmark's JSON carries this block, so a number is never read without its machine.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return model, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break
+    return model, flags
+
+
+def machine_info(*, shared: bool = False) -> dict:
+    """The machine block for a benchmark's JSON. `shared`: other jobs ran at the same time."""
+    import jax
+
+    model, flags = _cpuinfo()
+    info = {
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "cpu_flags": {flag: flag in flags for flag in FLAGS},
+        "amx": any(f.startswith("amx") for f in flags),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "backend": jax.default_backend(),
+        "devices": [d.device_kind for d in jax.devices()],
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
+    if shared:
+        info["note"] = ("shared machine: other developers' jobs ran on the same cores during "
+                        "this run; one run, not a median")
+    return info
