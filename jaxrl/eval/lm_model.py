@@ -13,6 +13,8 @@ Evaluations (`zeroshot`, `perplexity`, `niah`, `continual`) see a model only thr
 Optional: `memorize(tokens, mask) -> LanguageModel`, a test-time update (a model with fast
 weights writes the tokens into its memory) that returns the updated model and leaves the
 original as it was. `continual` reports a second curve with it when the model has it.
+`FastStateLM` provides it for models that carry a fast state across calls (HOPE:
+`module.init_fast(B)` and `module(tokens, mask, fast=state) -> (logits, state')`).
 
 `NNXLM` wraps any NNX module called as `module(tokens, attention_mask) -> logits [B, T, V]`
 (GPT-2 here; HOPE has the same signature): it is split once, placed on the mesh by its
@@ -35,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl.core.config import MeshConfig
-from jaxrl.core.mesh import check_batch_size, make_mesh, shard_batch, shard_state, state_shardings
+from jaxrl.core.mesh import check_batch_size, make_mesh, replicated, shard_batch, shard_state, state_shardings
 from jaxrl.core.step import compile_eval
 
 MIN_BUCKET = 16  # shortest padded input length
@@ -59,10 +61,13 @@ def can_memorize(lm: LanguageModel) -> bool:
     return callable(getattr(lm, "memorize", None))
 
 
-def _scores(graphdef, params, batch):
+def _scores(graphdef, params, batch, fast=None):
     """Log-prob and argmax hit of each next token; the model sees all but the last column."""
     model = nnx.merge(graphdef, params, copy=True)
-    logits = model(batch["tokens"][:, :-1], batch["mask"][:, :-1])  # [B, T-1, V]
+    if fast is None:
+        logits = model(batch["tokens"][:, :-1], batch["mask"][:, :-1])  # [B, T-1, V]
+    else:
+        logits, _ = model(batch["tokens"][:, :-1], batch["mask"][:, :-1], fast=fast)
     targets = batch["tokens"][:, 1:]  # [B, T-1]
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     logp = picked - jax.nn.logsumexp(logits, axis=-1)
@@ -101,11 +106,14 @@ class NNXLM:
     def module(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.params, copy=True)
 
+    def _scored_state(self):
+        return self.params
+
     def logprobs(self, tokens: np.ndarray, mask: np.ndarray) -> TokenScores:
         check_batch_size(len(tokens), self.mesh, "batch rows")
         batch = shard_batch({"tokens": np.asarray(tokens, np.int32), "mask": np.asarray(mask, np.int32)},
                             self.mesh)
-        logp, greedy = jax.device_get(self._score(self.params, batch))
+        logp, greedy = jax.device_get(self._score(self._scored_state(), batch))
         return TokenScores(np.asarray(logp), np.asarray(greedy))
 
 
@@ -141,3 +149,41 @@ def score_sequences(lm: LanguageModel, rows: Sequence[Sequence[int]], batch_size
             n = len(rows[i])
             out[i] = TokenScores(scores.logprobs[r, :n], scores.greedy[r, :n])
     return out
+
+
+def _memorize(graphdef, params, fast, batch):
+    model = nnx.merge(graphdef, params, copy=True)
+    return model(batch["tokens"], batch["mask"], fast=fast)[1]
+
+
+class FastStateLM(NNXLM):
+    """`NNXLM` plus `memorize` for a model whose fast-weight memory is carried across calls.
+
+    The fast state has one row per batch row (`batch_size` of them): row r is scored with what
+    row r has memorised. It starts as `module.init_fast(batch_size)`, the meta-learned
+    initial memory, recomputed from the weights whenever they change (`with_params`).
+    """
+
+    def __init__(self, module: nnx.Module, *, batch_size: int, **kw):
+        super().__init__(module, **kw)
+        self.batch_size = batch_size
+        self.fast = module.init_fast(batch_size)
+        graphdef, shardings = self.graphdef, (self.shardings, replicated(self.mesh))
+        self._score = compile_eval(lambda s, b: _scores(graphdef, s[0], b, fast=s[1]), self.mesh, shardings)
+        self._write = compile_eval(lambda s, b: _memorize(graphdef, *s, b), self.mesh, shardings)
+
+    def with_params(self, params) -> FastStateLM:
+        other = super().with_params(params)
+        other.fast = other.module().init_fast(self.batch_size)
+        return other
+
+    def _scored_state(self):
+        return self.params, self.fast
+
+    def memorize(self, tokens: np.ndarray, mask: np.ndarray) -> FastStateLM:
+        """A copy whose memory has also read `tokens` (row by row); this model is unchanged."""
+        batch = shard_batch({"tokens": np.asarray(tokens, np.int32), "mask": np.asarray(mask, np.int32)},
+                            self.mesh)
+        other = copy.copy(self)
+        other.fast = self._write((self.params, self.fast), batch)
+        return other
