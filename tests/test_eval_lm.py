@@ -188,7 +188,7 @@ def test_continual_curve_learns_each_segment_and_memorisation_helps_a_model_with
     rng = np.random.default_rng(0)
     segs = [continual.make_segment(name, np.tile(rng.integers(0, 200, 50), 20).astype(np.int32), seq_len=16,
                                    eval_fraction=0.2, eval_windows=3) for name in ("a", "b")]
-    out = continual.continual_curve(lm, segs, steps=8, lr=1e-2, batch_size=8, seq_len=16)
+    out = continual.continual_curve(lm, segs, steps=3, lr=1e-2, batch_size=8, seq_len=16)
     ce = np.array(out["ce"])
     assert out["stages"] == ["start", "after a", "after b"] and ce.shape == (3, 2)
     assert ce[1, 0] < ce[0, 0] - 0.5 and ce[2, 1] < ce[1, 1] - 0.5  # training on a segment lowers its CE

@@ -52,11 +52,19 @@ class ZeroShotConfig:
     limit: int = 0  # first N items of each set (0: all)
     delimiters: dict[str, str] = dataclasses.field(default_factory=_default_delimiters)  # others: " "
 
+    def validate(self):
+        if self.limit < 0:
+            raise ConfigError(f"zeroshot.limit must be >= 0, got {self.limit}.")
+
 
 @dataclasses.dataclass
 class LambadaConfig:
     path: str = "zeroshot/lambada_openai.jsonl"
     limit: int = 0
+
+    def validate(self):
+        if self.limit < 0:
+            raise ConfigError(f"lambada.limit must be >= 0, got {self.limit}.")
 
 
 @dataclasses.dataclass
@@ -66,6 +74,13 @@ class PerplexityConfig:
     window: int = 0  # tokens of context per window; 0: the model's
     stride: int = 0  # 0: window // 2
     max_tokens: int = 0  # first N tokens (0: all)
+
+    def validate(self):
+        if min(self.window, self.stride, self.max_tokens) < 0:
+            raise ConfigError("perplexity: window, stride and max_tokens must be >= 0 (0: default).")
+        if self.window and self.stride > self.window:
+            raise ConfigError(f"perplexity.stride={self.stride} must be <= perplexity.window={self.window}; "
+                              "a larger stride would leave tokens unscored.")
 
 
 @dataclasses.dataclass
