@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+import yaml
 from flax import nnx
 from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2LMHeadModel
@@ -20,6 +21,8 @@ from transformers import GPT2LMHeadModel
 from jaxrl import launch
 from jaxrl.core.config import ConfigError, MeshConfig
 from jaxrl.core.mesh import make_mesh
+from jaxrl.data import corpus
+from jaxrl.data.manifest import load_manifest
 from jaxrl.data.sources import DataError
 from jaxrl.data.tokenizer import Tokenizer
 from jaxrl.eval import continual, lm_report, niah, perplexity, zeroshot
@@ -143,6 +146,21 @@ def test_perplexity_equals_transformers_on_disjoint_windows(lm, tok, hf, shared_
     assert out["bits_per_byte"] == pytest.approx(sum(nll) / len(text.encode()) / math.log(2), rel=1e-4)
     overlapping = perplexity.perplexity(lm, tokens, text=text, window=N_POSITIONS, stride=16)
     assert overlapping["tokens"] == 200 and overlapping["ppl"] != out["ppl"]
+
+
+def test_perplexity_reads_a_shard_directory_as_its_packed_stream(lm, tok, tmp_path):
+    words = "river stone cloud lantern meadow harbor violet copper".split()
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(words, 60)).capitalize() + "." for _ in range(6)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path), "sources": [{"name": "docs", "path": "docs.jsonl"}],
+        "output": {"record_tokens": 64, "val_fraction": 0.0}, "workers": 1}))
+    corpus.process(load_manifest(tmp_path / "m.yaml"), tmp_path / "shards", log=lambda *_: None)
+    tokens, text = perplexity.load_stream(tmp_path / "shards", tok, split="train")
+    assert tokens[0] == tok.eot_id and sorted(text.split(".")[:-1]) == sorted(d[:-1] for d in docs)
+    out = perplexity.perplexity(lm, tokens, text=text, window=N_POSITIONS, stride=32)
+    assert out["tokens"] == len(tokens) - 1 and len(tokens) > 2 * N_POSITIONS
 
 
 def test_niah_prompts_plant_the_needle_at_its_depth_and_the_grid_covers_what_fits(lm, tok):
