@@ -141,6 +141,10 @@ def test_hosts_split_the_same_global_batch(source):
         assert all(p["tokens"].shape == (2, 8) for p in parts)
         assert _rows(parts[0]) | _rows(parts[1]) == _rows(batch)
         assert not _rows(parts[0]) & _rows(parts[1])
+        # In order, too: the hosts' blocks stacked in process order are the global batch, so
+        # per-row randomness (dropout) matches a 1-process run.
+        for key in batch:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), batch[key])
 
 
 def test_batch_size_must_divide_over_processes(source):

@@ -1,4 +1,5 @@
-"""Several processes on one mesh: PPO like one process, shared checkpoints, preemption, stuck peers.
+"""Several processes on one mesh: SFT and PPO like one process, shared checkpoints, preemption,
+dead and stuck peers, and which recipes refuse.
 
 Each test starts two local JAX processes x 4 CPU devices (the shape of a two-host pod slice)
 through `python -m jaxrl.launch`, as a user of `launch/` would.
@@ -93,15 +94,20 @@ def test_ppo_cartpole_on_two_local_devices(tmp_path):
 
 
 SFT = ["sft_gpt2_shakespeare", "loop.steps=24", "loop.checkpoint_every=8", "loop.eval_every=0",
-       "model.dropout=0.1", *TINY_SFT_OVERRIDES]
+       "model.dropout=0.1", "mesh.data=-1", "mesh.fsdp=2", *TINY_SFT_OVERRIDES]
 
 
-def test_sigterm_to_both_processes_then_rerun_is_bitwise_identical(tmp_path, corpus):
-    """Dropout > 0, so the per-step keys are part of what must resume exactly."""
+def test_sft_on_two_processes_matches_one_and_resumes_bitwise_after_sigterm(tmp_path, corpus):
+    """2 x 4 devices train like 1 x 8; SIGTERM to both mid-run, re-run: bitwise identical to
+    the uninterrupted 2-process run. Dropout > 0, so the per-step keys are part of it."""
     args = [*SFT, f"data.path={corpus}"]
+    single = run_launch(*args, f"run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
     straight = start_pair(args, tmp_path / "straight")
     for p, out in zip(straight, finish(straight)):
         assert p.returncode == 0, out[-3000:]
+    assert len(losses(tmp_path / "straight")) == 24
+    assert losses(tmp_path / "straight") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
 
     run = tmp_path / "resumed"
     procs = start_pair(args, run)
@@ -126,6 +132,20 @@ def test_sigterm_to_both_processes_then_rerun_is_bitwise_identical(tmp_path, cor
     assert exported[0].keys() == exported[1].keys()
     for name in exported[0]:
         np.testing.assert_array_equal(exported[0][name], exported[1][name], err_msg=name)
+
+
+def test_killed_peer_ends_the_job(tmp_path, corpus):
+    """SIGKILL one process mid-run: the survivor fails within 2 minutes and names the dead peer."""
+    procs = start_pair([*SFT, f"data.path={corpus}", "loop.steps=100000"], tmp_path / "run",
+                       "distributed.heartbeat_timeout_s=5")
+    try:
+        wait_for_rows(procs, tmp_path / "run" / "metrics.jsonl", 3)
+        procs[1].kill()
+        out = procs[0].communicate(timeout=120)[0]
+        assert procs[0].returncode != 0, out[-3000:]
+        assert "stopped sending heartbeats" in out, out[-3000:]
+    finally:
+        finish(procs, timeout=5)
 
 
 def test_checkpoint_dir_not_shared_fails_at_start_up(tmp_path, corpus):

@@ -192,7 +192,10 @@ def train_dataset(
 ) -> grain.IterDataset:
     """Infinite stream of host-local batches: shuffle (reseeded each epoch) -> repeat -> shard -> batch.
 
-    `batch_size` is global; each of `process_count` hosts gets `batch_size // process_count` rows.
+    `batch_size` is global; each of `process_count` hosts gets `batch_size // process_count` rows:
+    host p takes the p-th contiguous block of every global batch. The hosts' blocks are laid on
+    the mesh in process order, so the global batch (rows and their order, hence each row's
+    dropout mask) is the same on any number of processes.
     """
     if len(source) == 0:
         raise sources.DataError("no training windows: the corpus has fewer than 2 tokens.")
@@ -200,10 +203,17 @@ def train_dataset(
     ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed)
-    ds = ds.repeat()[process_index::process_count]
+    ds = ds.repeat()
+    ds = grain.MapDataset.range(len(ds) // process_count).map(functools.partial(
+        _block_row, ds, local_batch=local_batch, batch_size=batch_size, process_index=process_index))
     ds = ds.batch(local_batch, drop_remainder=True,
                   batch_fn=functools.partial(batch_from_windows, pad_id=source.pad_id))
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+
+
+def _block_row(ds, i: int, *, local_batch: int, batch_size: int, process_index: int):
+    """Row i of this host's stream: row i % local_batch of its block of global batch i // local_batch."""
+    return ds[(i // local_batch) * batch_size + process_index * local_batch + i % local_batch]
 
 
 def eval_batches(
@@ -226,7 +236,8 @@ def eval_batches(
         num_batches = min(num_batches, max_batches)
     blank = np.full(source.seq_len + 1, source.pad_id, dtype=np.int32)
     for b in range(num_batches):
-        rows = range(b * batch_size + process_index, (b + 1) * batch_size, process_count)
+        start = b * batch_size + process_index * local_batch  # this host's block, as in training
+        rows = range(start, start + local_batch)
         yield batch_from_windows([source[i] if i < len(source) else blank for i in rows], source.pad_id)
 
 
