@@ -104,7 +104,8 @@ def test_zeroshot_scores_equal_a_direct_transformers_computation(lm, tok, hf, hf
     assert truncated > 0  # the left-truncation path was compared too
 
 
-def test_lambada_scores_equal_transformers_and_greedy_means_every_token_is_argmax(lm, tok, hf, hf_tok, shared_data):
+def test_lambada_scores_equal_transformers_and_greedy_means_every_token_is_argmax(lm, tok, hf, hf_tok,
+                                                                                  shared_data):
     rows = perplexity.load_lambada(shared_data / "zeroshot/lambada_openai.jsonl", limit=4)
     # Two more rows whose last "word" is the model's own greedy continuation: accuracy must see them.
     for ctx in ("The cat sat on the", "In the morning we"):
@@ -117,7 +118,8 @@ def test_lambada_scores_equal_transformers_and_greedy_means_every_token_is_argma
             rows.append({"context": ctx, "continuation": word[1:], "where": "greedy"})
     out = perplexity.lambada(lm, tok, rows, batch_size=8)
     ref = [hf_continuation(hf, hf_tok, r["context"], " " + r["continuation"]) for r in rows]
-    np.testing.assert_allclose([p["loglikelihood"] for p in out["per_item"]], [r[0] for r in ref], rtol=1e-4, atol=2e-3)
+    np.testing.assert_allclose([p["loglikelihood"] for p in out["per_item"]], [r[0] for r in ref],
+                               rtol=1e-4, atol=2e-3)
     assert [p["correct"] for p in out["per_item"]] == [r[1] for r in ref]
     assert any(r[1] for r in ref)  # at least one planted greedy row
     assert out["acc"] == pytest.approx(np.mean([r[1] for r in ref]))
@@ -133,7 +135,8 @@ def test_sliding_windows_score_every_token_once_with_the_stated_context():
 
 
 def test_perplexity_equals_transformers_on_disjoint_windows(lm, tok, hf, shared_data):
-    tokens, text = perplexity.load_stream(shared_data / "corpora/wikitext-2-tokenized/test.txt", tok, max_tokens=200)
+    wikitext = shared_data / "corpora/wikitext-2-tokenized/test.txt"
+    tokens, text = perplexity.load_stream(wikitext, tok, max_tokens=200)
     assert tokens[0] == tok.eot_id and len(tokens) == 201
     out = perplexity.perplexity(lm, tokens, text=text, window=N_POSITIONS, stride=N_POSITIONS)
     nll = []
@@ -239,7 +242,8 @@ def test_a_continuation_longer_than_the_model_is_an_error_a_long_context_is_cut_
     item = zeroshot.Item((zeroshot.Choice("Q:", long, 1), zeroshot.Choice("Q:", "no", 2)), 0, "x.jsonl:7")
     with pytest.raises(DataError, match=r"x.jsonl:7: the continuation alone is 200 tokens, more than .* 64"):
         zeroshot.score_choices(lm, tok, [item])
-    item = zeroshot.Item((zeroshot.Choice(long + " Q:", " yes", 3), zeroshot.Choice(long + " Q:", " no", 2)), 0, "y")
+    item = zeroshot.Item((zeroshot.Choice(long + " Q:", " yes", 3),
+                          zeroshot.Choice(long + " Q:", " no", 2)), 0, "y")
     assert zeroshot.score_choices(lm, tok, [item])["truncated"] == 1
     with pytest.raises(ValueError, match="exceed max_length"):
         score_sequences(lm, [list(range(N_POSITIONS + 2))], 8)
@@ -267,9 +271,11 @@ def test_continual_config_reads_a_yaml_list_of_segments_and_draws_the_forgetting
     assert [(s.name, s.start, s.stop) for s in cfg.continual.segments] == [
         ("shakespeare_a", 0.0, 0.5), ("wikitext_valid", 0.0, 1.0), ("shakespeare_b", 0.5, 1.0)]
     with pytest.raises(ConfigError, match="a segment needs a path"):
-        launch.load("configs/continual_shakespeare_wikitext.yaml", ["model=x", "continual.segments=[{start: 0.5}]"])
+        launch.load("configs/continual_shakespeare_wikitext.yaml",
+                    ["model=x", "continual.segments=[{start: 0.5}]"])
     result = {"segments": ["a", "b"], "stages": ["start", "after a", "after b"],
               "ce": [[3.0, 3.0], [2.0, 3.1], [2.5, 2.2]], "ce_memorize": None, "forgetting": {"a": 0.5, "b": 0.0}}
     lm_report.plot_continual(result, tmp_path / "continual.png")
     assert (tmp_path / "continual.png").read_bytes()[:4] == b"\x89PNG"
-    assert lm_report.table_rows("continual", result)[0] == "| continual | CE a after the last stage (forgetting +0.5000) | 2.5000 |"
+    assert lm_report.table_rows("continual", result)[0] == \
+        "| continual | CE a after the last stage (forgetting +0.5000) | 2.5000 |"

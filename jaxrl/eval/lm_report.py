@@ -119,19 +119,24 @@ def plot_continual(result: dict, path: Path) -> None:
 def table_rows(name: str, result: dict) -> list[str]:
     """`| eval | metric | value |` rows for results.md."""
     def row(metric, value):
-        return f"| {name} | {metric} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {metric} | {value} |"
+        shown = f"{value:.4f}" if isinstance(value, float) else value
+        return f"| {name} | {metric} | {shown} |"
 
     if name == "zeroshot":
         return [row(f"{s} acc / acc_norm / acc_norm_tokens ({r['items']} items)",
-                    f"{r['acc']:.4f} / {r['acc_norm']:.4f} / {r['acc_norm_tokens']:.4f}") for s, r in result.items()]
+                    f"{r['acc']:.4f} / {r['acc_norm']:.4f} / {r['acc_norm_tokens']:.4f}")
+                for s, r in result.items()]
     if name == "lambada":
         return [row(f"acc ({result['items']} items)", result["acc"]), row("ppl", result["ppl"])]
     if name == "perplexity":
         return [row(f"ppl ({result['tokens']} tokens, window {result['window']}, stride {result['stride']})",
-                    result["ppl"]), row("word_ppl", result["word_ppl"]), row("bits_per_byte", result["bits_per_byte"])]
+                    result["ppl"]),
+                row("word_ppl", result["word_ppl"]), row("bits_per_byte", result["bits_per_byte"])]
     if name == "niah":
-        return [row(f"{kind} mean accuracy (lengths {result['lengths']})", v) for kind, v in result["mean"].items()]
+        return [row(f"{kind} mean accuracy (lengths {result['lengths']})", v)
+                for kind, v in result["mean"].items()]
     if name == "continual":
-        return [row(f"CE {seg} after the last stage (forgetting {result['forgetting'][seg]:+.4f})", result["ce"][-1][j])
+        return [row(f"CE {seg} after the last stage (forgetting {result['forgetting'][seg]:+.4f})",
+                    result["ce"][-1][j])
                 for j, seg in enumerate(result["segments"])]
     raise KeyError(name)

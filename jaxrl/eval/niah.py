@@ -25,7 +25,8 @@ FILLER = (" The grass is green.", " The sky is blue.", " The sun is yellow.", " 
 NEEDLES = {
     "passkey": (" The pass key is {v}. Remember it. {v} is the pass key.",
                 " What is the pass key? The pass key is", 5),
-    "number": (" The special magic number is {v}.", " What is the special magic number? The special magic number is", 7),
+    "number": (" The special magic number is {v}.",
+               " What is the special magic number? The special magic number is", 7),
 }
 
 

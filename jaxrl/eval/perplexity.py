@@ -95,7 +95,8 @@ def load_lambada(path, *, limit: int = 0) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}).") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("context", "continuation")):
+            fields = ("context", "continuation")
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
                 raise DataError(f"{where}: a LAMBADA row needs string fields context and continuation.")
             rows.append({**row, "where": where})
             if limit and len(rows) == limit:

@@ -145,8 +145,7 @@ class Config(RecipeConfig):
         if not self.model:
             raise ConfigError("set model=<HF GPT-2 dir>, e.g. model=runs/sft_gpt2_shakespeare/hf "
                               "(python -m jaxrl.launch configs/sft_gpt2_shakespeare.yaml makes one).")
-        evals, sets = plan(self)
-        if "continual" in evals and not self.continual.segments:
+        if "continual" in plan(self)[0] and not self.continual.segments:
             raise ConfigError("tasks has continual but continual.segments is empty; see "
                               "configs/continual_shakespeare_wikitext.yaml.")
         if self.batch_size < 1:
@@ -167,7 +166,8 @@ def plan(cfg: Config) -> tuple[list[str], list[str]]:
             raise ConfigError(f"tasks: unknown {name!r}; choose from {', '.join(EVALS)}, a zero-shot set "
                               f"({', '.join(ZEROSHOT_SETS)}) or a .jsonl path.")
     if bad := [s for s in sets if s not in ZEROSHOT_SETS and not s.endswith(".jsonl")]:
-        raise ConfigError(f"zeroshot.sets: unknown {bad}; give names from {', '.join(ZEROSHOT_SETS)} or .jsonl paths.")
+        raise ConfigError(f"zeroshot.sets: unknown {bad}; give names from {', '.join(ZEROSHOT_SETS)} "
+                          "or .jsonl paths.")
     if sets:
         evals.insert(0, "zeroshot")
     if not evals:
@@ -193,8 +193,8 @@ def _zeroshot(cfg, lm, tokenizer):
 def _lambada(cfg, lm, tokenizer):
     from jaxrl.eval.perplexity import lambada, load_lambada
 
-    return lambada(lm, tokenizer, load_lambada(resolve_path(cfg.lambada.path, cfg.data_dir), limit=cfg.lambada.limit),
-                   batch_size=cfg.batch_size)
+    rows = load_lambada(resolve_path(cfg.lambada.path, cfg.data_dir), limit=cfg.lambada.limit)
+    return lambada(lm, tokenizer, rows, batch_size=cfg.batch_size)
 
 
 def _perplexity(cfg, lm, tokenizer):
