@@ -267,11 +267,11 @@ def test_cli_writes_json_plot_and_table_per_eval(hf_dir, tmp_path, shared_data):
 
 
 def test_continual_config_reads_a_yaml_list_of_segments_and_draws_the_forgetting_curve(tmp_path):
-    _, cfg = launch.load("configs/continual_shakespeare_wikitext.yaml", ["model=x"])
+    _, cfg = launch.load("configs/continual_corpora.yaml", ["model=x"])
     assert [(s.name, s.start, s.stop) for s in cfg.continual.segments] == [
         ("shakespeare_a", 0.0, 0.5), ("wikitext_valid", 0.0, 1.0), ("shakespeare_b", 0.5, 1.0)]
     with pytest.raises(ConfigError, match="a segment needs a path"):
-        launch.load("configs/continual_shakespeare_wikitext.yaml",
+        launch.load("configs/continual_corpora.yaml",
                     ["model=x", "continual.segments=[{start: 0.5}]"])
     result = {"segments": ["a", "b"], "stages": ["start", "after a", "after b"],
               "ce": [[3.0, 3.0], [2.0, 3.1], [2.5, 2.2]], "ce_memorize": None, "forgetting": {"a": 0.5, "b": 0.0}}

@@ -8,7 +8,7 @@ docstrings of `jaxrl.eval.zeroshot`, `perplexity`, `niah`, `continual`.
 
   python -m jaxrl.launch configs/eval_lm.yaml model=runs/sft_gpt2_shakespeare/hf
   python -m jaxrl.launch configs/eval_lm.yaml model=runs/x/hf tasks=piqa,lambada zeroshot.limit=100
-  python -m jaxrl.launch configs/continual_shakespeare_wikitext.yaml model=runs/x/hf
+  python -m jaxrl.launch configs/continual_corpora.yaml model=runs/x/hf
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class Config(RecipeConfig):
                               "(python -m jaxrl.launch configs/sft_gpt2_shakespeare.yaml makes one).")
         if "continual" in plan(self)[0] and not self.continual.segments:
             raise ConfigError("tasks has continual but continual.segments is empty; see "
-                              "configs/continual_shakespeare_wikitext.yaml.")
+                              "configs/continual_corpora.yaml.")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
 
