@@ -64,8 +64,8 @@ def hf_tok():
     return ByteLevelBPETokenizer.from_file(str(data / "encoder.json"), str(data / "vocab.bpe"))
 
 
-def hf_continuation(hf, hf_tok, context: str, continuation: str) -> tuple[float, bool, bool]:
-    """(log-likelihood, all tokens greedy, truncated) of the harness rule, written directly in torch."""
+def hf_continuation(hf, hf_tok, context: str, continuation: str) -> tuple[float, bool, bool, int]:
+    """(log-likelihood, all tokens greedy, truncated, tokens) of the harness rule, directly in torch."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -79,7 +79,7 @@ def hf_continuation(hf, hf_tok, context: str, continuation: str) -> tuple[float,
     first = len(row) - 1 - len(cont)  # logits[t] predicts row[t + 1]
     ll = sum(float(logp[first + i, t]) for i, t in enumerate(cont))
     greedy = all(int(logits[first + i].argmax()) == t for i, t in enumerate(cont))
-    return ll, greedy, len(ctx) + len(cont) > N_POSITIONS + 1
+    return ll, greedy, len(ctx) + len(cont) > N_POSITIONS + 1, len(cont)
 
 
 def test_zeroshot_scores_equal_a_direct_transformers_computation(lm, tok, hf, hf_tok, shared_data):
@@ -95,7 +95,7 @@ def test_zeroshot_scores_equal_a_direct_transformers_computation(lm, tok, hf, hf
             truncated += any(r[2] for r in ref)
             np.testing.assert_allclose(got["loglikelihoods"], lls, rtol=1e-4, atol=2e-3, err_msg=item.where)
             chars = np.array([c.chars for c in item.choices])
-            ntok = np.array([len(zeroshot.encode_pair(tok, c.context, c.continuation)[1]) for c in item.choices])
+            ntok = np.array([r[3] for r in ref])
             assert got["pick_acc"] == int(np.argmax(lls)), item.where
             assert got["pick_acc_norm"] == int(np.argmax(lls / chars)), item.where
             assert got["pick_acc_norm_tokens"] == int(np.argmax(lls / ntok)), item.where
