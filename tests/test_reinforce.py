@@ -196,17 +196,23 @@ def rollout():
 small_model = functools.partial(tiny_model, n_layer=1, n_embd=32)
 
 
-def run_update(rollout, optimizer=optax.sgd(0.0), **cfg):
-    state = init_state(small_model(0), optimizer)
-    cfg = PolicyGradientConfig(**cfg)
-    return jax.jit(lambda s, r: update(s, r, jax.random.key(1), cfg=cfg))(state, rollout)
+SGD = optax.sgd(1.0)
+# One loss for the update tests below, so they share a compiled update: PPO-clip with a tight
+# clip, GRPO advantages, a strong per-token KL term, every token weighted the same.
+SHARED = PolicyGradientConfig(loss="ppo_clip", clip_eps=0.05, advantage="grpo", kl_coef=0.5,
+                              loss_agg="token-mean")
+jitted_update = jax.jit(update, static_argnames="cfg")
+
+
+def run_update(rollout, cfg=SHARED, optimizer=SGD):
+    return jitted_update(init_state(small_model(0), optimizer), rollout, jax.random.key(1), cfg=cfg)
 
 
 def test_the_update_scores_tokens_under_the_sampling_distribution(rollout):
     """PPO's first step compares the policy with the sampler: at the sampling params every
     ratio is 1 (nothing clipped) only if the loss applies the sampler's temperature and top-k."""
-    _, metrics = run_update(rollout, loss="ppo_clip", clip_eps=0.05, kl_coef=0.0)
-    assert float(metrics["clip_fraction"]) == 0.0
+    _, metrics = run_update(rollout)
+    assert float(metrics["clip_fraction"]) == 0.0 and float(metrics["advantage_std"]) > 0.5
     # Scored untempered and unfiltered (the old, biased loss), most ratios are far from 1.
     untempered = token_logprobs(*nnx.split(small_model(0)), rollout.tokens, rollout.mask)
     ratio = np.exp(np.asarray(untempered - rollout.logprobs))[np.asarray(rollout.response_mask) == 1]
@@ -214,9 +220,8 @@ def test_the_update_scores_tokens_under_the_sampling_distribution(rollout):
 
 
 def test_kl_is_a_per_token_loss_term_not_part_of_the_advantage(rollout):
-    rewards = {"reward": jnp.full(16, 0.4)}  # tied rewards: every advantage is 0
-    tied = dataclasses.replace(rollout, rewards=rewards)
-    _, metrics = run_update(tied, kl_coef=0.5, advantage="grpo", loss_agg="token-mean")
+    rewards = {name: jnp.full(16, 0.4, jnp.float32) for name in rollout.rewards}  # tied: A = 0
+    _, metrics = run_update(dataclasses.replace(rollout, rewards=rewards))
     policy = token_logprobs(*nnx.split(small_model(0)), rollout.tokens, rollout.mask,
                             **rollout.sampling.kwargs())
     kl = float(aggregate(kl_k3(policy, rollout.ref_logprobs), rollout.response_mask, "token-mean"))
@@ -230,9 +235,8 @@ def test_kl_is_a_per_token_loss_term_not_part_of_the_advantage(rollout):
 
 
 def test_micro_batches_accumulate_the_same_gradient(rollout):
-    one, _ = run_update(rollout, optax.sgd(1.0), loss_agg="token-mean", advantage="rloo")
-    four, _ = run_update(rollout, optax.sgd(1.0), loss_agg="token-mean", advantage="rloo",
-                         micro_batches=4)
+    one, _ = run_update(rollout)
+    four, _ = run_update(rollout, dataclasses.replace(SHARED, micro_batches=4))
     before = nnx.state(small_model(0), nnx.Param)
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), one.params, before)
     assert max(jax.tree.leaves(moved)) > 1e-3
@@ -240,7 +244,8 @@ def test_micro_batches_accumulate_the_same_gradient(rollout):
 
 
 def test_epochs_times_minibatches_optimizer_steps_make_one_train_step(rollout):
-    state, metrics = run_update(rollout, optax.adam(1e-3), loss="ppo_clip", epochs=2, minibatches=2)
+    cfg = dataclasses.replace(SHARED, epochs=2, minibatches=2)
+    state, metrics = run_update(rollout, cfg, optax.adam(1e-3))
     assert int(state.step) == 1
     assert int(state.opt_state[0].count) == 4  # adam stepped 2 epochs x 2 minibatches times
     assert np.isfinite(float(metrics["loss"])) and 0.0 <= float(metrics["clip_fraction"]) <= 1.0

@@ -51,9 +51,10 @@ _FILTERED = -1e30
 GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PolicyGradientConfig:
-    """How scored completions become gradient steps (sampling is `RolloutConfig`'s)."""
+    """How scored completions become gradient steps (sampling is `RolloutConfig`'s). Frozen:
+    `update` can take it as a static argument."""
 
     advantage: Literal["rloo", "grpo", "dr_grpo", "batch_mean", "batch_norm", "moving_average",
                        "none"] = "rloo"
