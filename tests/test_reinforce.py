@@ -315,6 +315,14 @@ def test_recipe_without_a_checkpoint_names_the_sft_command(tmp_path, capsys):
     assert str(tmp_path / "missing") in err and "configs/sft_gpt2_shakespeare.yaml" in err
 
 
+def test_recipe_refuses_greedy_sampling_before_loading_anything(tmp_path, capsys):
+    from jaxrl import launch
+
+    code = launch.main(["configs/reinforce_sentiment.yaml", f"run.dir={tmp_path}",
+                        "rollout.sampling.temperature=0"])
+    assert code == 2 and "rollout.sampling.temperature=0 samples greedily" in capsys.readouterr().err
+
+
 def test_recipe_logs_every_component_and_resumes(tmp_path, shared_data):
     """The launch path on 8 fake devices: a random tiny GPT-2 in HF layout stands in for the
     SFT export; two steps, then a resumed third."""

@@ -5,7 +5,8 @@ completions of each with the jitted `generate`, dispatches the reference model's
 pass, and only then blocks on the host to decode and reward the completions, so the device
 scores the reference while the host scores the text. `make_train_step` wraps it and a
 compiled pure update (`jaxrl.algorithms.policy_gradient.update`) into the core loop's
-`step(state, None, key)`; the step reads nothing back from the device that it has to wait for.
+`step(state, None, key)`; beyond the completions it scores, the step reads nothing back from
+the device that it would have to wait for.
 
 Known limit: one process. `score` reads the whole batch on this host (the recipe's
 `SINGLE_PROCESS` says so to `jaxrl.launch`).
