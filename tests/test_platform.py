@@ -158,3 +158,24 @@ def test_unknown_env_name_is_a_config_error_before_compiling(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "env.name 'CartPol-v1' unknown" in err and "CartPole-v1" in err
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_fused_steps_equal_one_at_a_time_and_stop_at_every_cadence_point(tmp_path, program):
+    init, step = program
+    calls = []
+
+    class Counting(type(step)):
+        def steps(self, state, key, first, count):
+            calls.append((first, count))
+            return super().steps(state, key, first, count)
+
+    counted = Counting(toy_step, init.shardings, None, step._jit["out_shardings"][1], True)
+    fused = train(cfg(tmp_path / "fused", 10, log_every=4, checkpoint_every=3), state=init,
+                  step_fn=counted, key=jax.random.key(1))
+    single = train(cfg(tmp_path / "single", 10, log_every=4, checkpoint_every=3,
+                       max_fused_steps=1), state=init, step_fn=step, key=jax.random.key(1))
+    assert calls == [(0, 3), (3, 1), (4, 2), (6, 2), (8, 1), (9, 1)]
+    np.testing.assert_array_equal(fused.state["w"], single.state["w"])
+    rows = [read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("fused", "single")]
+    assert [(r["step"], r["loss"]) for r in rows[0]] == [(r["step"], r["loss"]) for r in rows[1]]
+    assert Checkpointer(tmp_path / "fused" / "checkpoints").latest_step() == 10

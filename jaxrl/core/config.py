@@ -74,6 +74,9 @@ class LoopConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
     progress: bool = True
+    # Batch-free (RL) steps run up to this many per compiled call (a lax.scan), never past a
+    # log / eval / checkpoint point; 1 disables fusing. Preemption is checked between calls.
+    max_fused_steps: int = 64
 
     def validate(self):
         if self.steps <= 0:
@@ -81,6 +84,8 @@ class LoopConfig:
         for name in ("log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loop.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.max_fused_steps < 1:
+            raise ConfigError(f"loop.max_fused_steps must be >= 1, got {self.max_fused_steps}.")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"loop.keep_checkpoints must be >= 1, got {self.keep_checkpoints}.")
 

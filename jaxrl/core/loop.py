@@ -27,7 +27,7 @@ from jaxrl.core.checkpoint import Checkpointer, require_shared
 from jaxrl.core.config import RecipeConfig, to_dict
 from jaxrl.core.mesh import shard_batch
 from jaxrl.core.preemption import PreemptionWatch
-from jaxrl.core.step import ShardedInit
+from jaxrl.core.step import CompiledStep, ShardedInit
 
 
 class Preempted(Exception):
@@ -66,6 +66,8 @@ def train(
       state: a `core.step.ShardedInit` (a resumed run restores straight into its abstract
         layout, so no second copy of the state is ever built), or a ready state.
       step_fn: `(state, batch, key) -> (state, metrics)`, usually from `core.step.compile_step`.
+        Without batches, such a step runs up to `loop.max_fused_steps` steps per call (never
+        past a log / eval / checkpoint point), with the same per-step keys.
       batches: host-local numpy pytrees; with `mesh` they are placed on it. A Grain iterator's
         position is checkpointed (per process) and restored.
       eval_fn: `(state, step) -> host metrics`, every `loop.eval_every` steps and at the end;
@@ -116,7 +118,8 @@ def train(
         writer.write(at_step, {**out, "time/eval_s": time.perf_counter() - began})
         return out
 
-    pending: list[tuple[int, dict]] = []
+    pending: list[tuple[int, int, dict]] = []  # (step after the call, steps in it, metrics)
+    fuse = batches is None and loop.max_fused_steps > 1 and isinstance(step_fn, CompiledStep)
     last: dict = {}
     evals: dict = {}
     evaluated_at = -1
@@ -130,12 +133,16 @@ def train(
         nonlocal last
         if not pending:
             return
-        host = jax.device_get([m for _, m in pending])
-        for (s, _), m in zip(pending, host):
+        host = []  # (step, metrics) per step; a fused call's metrics are stacked over its steps
+        for (end, count), m in zip([p[:2] for p in pending], jax.device_get([p[2] for p in pending])):
+            host += [(end, m)] if count == 1 else [
+                (end - count + 1 + i, {k: v[i] for k, v in m.items()}) for i in range(count)]
+        for s, m in host:
             bad = {k: v for k, v in m.items() if not np.all(np.isfinite(v))}
             if bad:
                 pending.clear()
                 raise NonFiniteError(_nonfinite_message(s, bad, ckpt))
+        host = [m for _, m in host]
         last = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
         now = time.perf_counter()
         paused = timers["eval_s"] + timers["checkpoint_s"]  # cumulative, excluded from steps/s
@@ -162,21 +169,27 @@ def train(
                           "is kept." if saved[0] is not None else "No checkpoint was written yet.")
     with PreemptionWatch(cfg.run.preemption_grace_s, stuck_note) as watch:
         try:
+            calls = 0
             while step < loop.steps:
-                batch = next(batches) if batches is not None else None
-                if batch is not None and mesh is not None:
-                    batch = shard_batch(batch, mesh)
                 began = time.perf_counter()
-                state, step_metrics = step_fn(state, batch, jax.random.fold_in(key, step))
-                step += 1
-                if step == start_step + 1:  # the compiling step: timed alone, not in steps/s
+                count = _fused_count(step, loop) if fuse else 1
+                if fuse:
+                    state, step_metrics = step_fn.steps(state, key, step, count)
+                else:
+                    batch = next(batches) if batches is not None else None
+                    if batch is not None and mesh is not None:
+                        batch = shard_batch(batch, mesh)
+                    state, step_metrics = step_fn(state, batch, jax.random.fold_in(key, step))
+                step += count
+                calls += 1
+                if calls == 1:  # the compiling call: timed alone, not in steps/s
                     jax.block_until_ready(step_metrics)
                     timers["compile_s"] = time.perf_counter() - began
                     clock.update(t=time.perf_counter(), step=step,
                                  paused=timers["eval_s"] + timers["checkpoint_s"])
-                pending.append((step, step_metrics))
+                pending.append((step, count, step_metrics))
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(count)
                 at_end = step == loop.steps
                 if at_end or (loop.log_every and step % loop.log_every == 0):
                     flush()
@@ -185,7 +198,7 @@ def train(
                 if loop.checkpoint_every and step % loop.checkpoint_every == 0 and not at_end:
                     flush()
                     save(step)
-                if watch.requested(step):
+                if watch.requested(calls):  # every process makes the same calls
                     flush()
                     if saved[0] != step:
                         save(step)
@@ -209,6 +222,14 @@ def train(
         metrics_lib.plot_metrics(writer.path, run_dir / "metrics.png")
     return LoopResult(state=state, step=step, last_metrics=last, eval_metrics=evals,
                       trained_steps=step - start_step, timers=timers)
+
+
+def _fused_count(step: int, loop) -> int:
+    """Steps until the next log / eval / checkpoint point or the end, at most max_fused_steps."""
+    ends = [loop.steps, step + loop.max_fused_steps]
+    ends += [(step // every + 1) * every
+             for every in (loop.log_every, loop.eval_every, loop.checkpoint_every) if every]
+    return min(ends) - step
 
 
 def checkpoint_dir(cfg: RecipeConfig) -> str:

@@ -31,7 +31,8 @@ EXIT_STUCK = 75  # EX_TEMPFAIL: nothing was lost, re-run to resume
 
 
 class PreemptionWatch:
-    """Context manager: `requested(step)` is True on the step every process saves and stops at."""
+    """Context manager: `requested(call)` is True after the loop call (one step, or several fused)
+    at which every process saves and stops; processes number their calls alike."""
 
     def __init__(self, grace_s: float, on_stuck: Callable[[], str] = lambda: ""):
         self.grace_s = grace_s
@@ -45,9 +46,9 @@ class PreemptionWatch:
         self._jax_notifier = None
 
     # -- the loop's view
-    def requested(self, step: int) -> bool:
+    def requested(self, call: int) -> bool:
         if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(call)
         return self.flag
 
     # -- installation

@@ -5,7 +5,8 @@ shardings -> `jax.jit(init, out_shardings=...)`), so no single device ever holds
 state, and keeps the abstract layout as the template a resumed run restores into (restoring
 into it holds no second copy of the state). `compile_step` jits a pure
 `step(state, batch, key) -> (state, metrics)` with the state's shardings in and out, the batch
-split over the mesh's batch axes, the key and metrics replicated, and the state donated.
+split over the mesh's batch axes, the key and metrics replicated, and the state donated; for a
+batch-free (RL) step it also compiles K steps fused into one `lax.scan`.
 
 Shardings come from the logical axis names parameters carry (`jaxrl.core.mesh.RULES`);
 anything without names is replicated. A recipe whose state has other batch-shaped leaves
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxrl.core.mesh import batch_sharding, replicated, state_shardings
@@ -55,19 +57,48 @@ def sharded_init(init_fn: Callable, mesh: Mesh, *args, shardings: Any = None) ->
     return ShardedInit(fn=lambda: fn(*args), abstract=abstract, shardings=shardings)
 
 
+class CompiledStep:
+    """A compiled `step(state, batch, key)`; `.steps(...)` runs several batch-free steps in one
+    call (a `lax.scan`), so RL updates between the loop's log / eval / checkpoint points pay
+    no per-update host dispatch."""
+
+    def __init__(self, step_fn: Callable, state_shardings: Any, batch_shardings: Any,
+                 replicated_sharding, donate: bool):
+        self.step_fn = step_fn
+        self._jit = dict(out_shardings=(state_shardings, replicated_sharding),
+                         donate_argnums=(0,) if donate else ())
+        self._one = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings,
+                                                   replicated_sharding), **self._jit)
+        self._in = (state_shardings, replicated_sharding, replicated_sharding)
+        self._fused: dict[int, Callable] = {}
+
+    def __call__(self, state, batch, key):
+        return self._one(state, batch, key)
+
+    def steps(self, state, key: jax.Array, first: int, count: int):
+        """`count` steps without batches; step `first + i` uses `fold_in(key, first + i)`, as the
+        loop's one-step path does. -> (state, metrics stacked over the steps)."""
+        if count not in self._fused:
+            def fused(state, key, first):
+                def one(state, i):
+                    return self.step_fn(state, None, jax.random.fold_in(key, first + i))
+                return jax.lax.scan(one, state, jnp.arange(count, dtype=jnp.int32))
+
+            self._fused[count] = jax.jit(fused, in_shardings=self._in, **self._jit)
+        return self._fused[count](state, key, jnp.int32(first))
+
+
 def compile_step(step_fn: Callable, mesh: Mesh, state_shardings: Any, *,
-                 batch_shardings: Any = "batch", donate: bool = True) -> Callable:
+                 batch_shardings: Any = "batch", donate: bool = True) -> CompiledStep:
     """`jax.jit(step_fn)` for the loop: state in and out with `state_shardings`, donated.
 
     `batch_shardings`: "batch" (default) splits every batch leaf's leading axis over the
-    mesh's batch axes (data x fsdp); None for a step without a batch; or an explicit pytree.
+    mesh's batch axes (data x fsdp); None for a step without a batch (then the loop fuses
+    steps, see `CompiledStep.steps`); or an explicit pytree.
     """
     if isinstance(batch_shardings, str):
         batch_shardings = batch_sharding(mesh, 1)  # a prefix: leading axis split, rest whole
-    key_and_metrics = replicated(mesh)
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, key_and_metrics),
-                   out_shardings=(state_shardings, key_and_metrics),
-                   donate_argnums=(0,) if donate else ())
+    return CompiledStep(step_fn, state_shardings, batch_shardings, replicated(mesh), donate)
 
 
 def compile_eval(eval_fn: Callable, mesh: Mesh, state_shardings: Any, *,
