@@ -69,8 +69,10 @@ def load(config_arg: str, overrides: list[str]):
     """
     path, data = read_config(config_arg, overrides)
     if "recipe" not in data:
+        manifest = (" It looks like a corpus manifest: run `python -m jaxrl.data process "
+                    f"{path} --out DIR`." if "sources" in data else "")
         raise ConfigError(f"{path}: missing top-level key 'recipe' (one of: "
-                          f"{', '.join(recipe_names())}).")
+                          f"{', '.join(recipe_names())}).{manifest}")
     module = load_recipe(data["recipe"], str(path))
     cfg = build(module.Config, data, source=str(path))
     if not cfg.run.dir:

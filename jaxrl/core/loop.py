@@ -108,7 +108,7 @@ def train(
         timers["checkpoint_s"] += time.perf_counter() - began
         saved[0] = at_step
 
-    def evaluate(at_step: int) -> dict:
+    def run_eval(at_step: int) -> dict:
         flush()  # metrics first: a NaN loss stops here, before eval sees the state
         if not _all_finite(state):
             raise NonFiniteError(_nonfinite_message(at_step, {"params": "NaN/Inf"}, ckpt))
@@ -194,7 +194,7 @@ def train(
                 if at_end or (loop.log_every and step % loop.log_every == 0):
                     flush()
                 if eval_fn is not None and loop.eval_every and step % loop.eval_every == 0:
-                    evals, evaluated_at = evaluate(step), step
+                    evals, evaluated_at = run_eval(step), step
                 if loop.checkpoint_every and step % loop.checkpoint_every == 0 and not at_end:
                     flush()
                     save(step)
@@ -208,7 +208,7 @@ def train(
                                     "re-run the same command to resume.")
             flush()
             if eval_fn is not None and evaluated_at != step:
-                evals = evaluate(step)
+                evals = run_eval(step)
             if saved[0] != step:
                 save(step)
             ckpt.wait()
