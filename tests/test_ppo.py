@@ -151,6 +151,7 @@ def test_action_mask_limits_sampling_and_learning(bandit):
         state, metrics = update(state, jax.random.key(i))
         assert np.isfinite(float(metrics["entropy"]))
     assert float(metrics["reward_per_step"]) > 0.9  # learned the best *legal* action
+    assert float(metrics["minibatches_done"]) == 2 * 2  # no target_kl: every epoch, every minibatch
 
 
 def test_update_resumes_exactly_from_a_checkpoint(bandit, tmp_path):
@@ -371,13 +372,10 @@ def test_normalisation_statistics_resume_exactly(tmp_path):
 def test_target_kl_skips_the_rest_of_the_update():
     """A huge learning rate moves the policy far in one step: the next minibatch's KL is over
     target_kl, so it and every later epoch's minibatches are skipped."""
-    kw = dict(num_envs=16, rollout_steps=8, epochs=4, minibatches=4, lr=1.0, anneal_lr=False)
-    mk = lambda k: ActorCritic(3, 5, rngs=nnx.Rngs(k))  # noqa: E731
-    plain = PPO(MaskedBandit(), None, mk, PPOConfig(**kw), 1)
-    stopping = PPO(MaskedBandit(), None, mk, PPOConfig(**kw, target_kl=0.01), 1)
-    state = jax.jit(plain.init)(jax.random.key(0))
-    _, metrics = jax.jit(plain.update)(state, jax.random.key(1))
-    assert float(metrics["minibatches_done"]) == 16
+    cfg = PPOConfig(num_envs=16, rollout_steps=8, epochs=4, minibatches=4, lr=1.0,
+                    anneal_lr=False, target_kl=0.01)
+    stopping = PPO(MaskedBandit(), None, lambda k: ActorCritic(3, 5, rngs=nnx.Rngs(k)), cfg, 1)
+    state = jax.jit(stopping.init)(jax.random.key(0))
     stopped, metrics = jax.jit(stopping.update)(state, jax.random.key(1))
     assert 1 <= float(metrics["minibatches_done"]) < 4  # stopped within the first epoch
     assert float(metrics["approx_kl"]) > 0.01
