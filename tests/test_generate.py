@@ -164,10 +164,11 @@ def test_the_head_and_log_softmax_run_in_float32_under_bfloat16_compute():
                      dtype="bfloat16")
     graphdef, params = nnx.split(GPT2(cfg, rngs=nnx.Rngs(0)))
     tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
-    logits = nnx.merge(graphdef, params)(tokens)[..., :62]
+    logits, logprobs = jax.jit(lambda p: (
+        nnx.merge(graphdef, p)(tokens)[..., :62],
+        token_logprobs(graphdef, p, tokens, jnp.ones_like(tokens))))(params)
     assert logits.dtype == jnp.float32
     rounded = logits.astype(jnp.bfloat16).astype(jnp.float32)
     assert float(jnp.mean(logits == rounded)) < 0.1  # bf16 logits would all round-trip
-    logprobs = token_logprobs(graphdef, params, tokens, jnp.ones_like(tokens))
     assert logprobs.dtype == jnp.float32
     assert float(jnp.mean(logprobs == logprobs.astype(jnp.bfloat16).astype(jnp.float32))) < 0.2

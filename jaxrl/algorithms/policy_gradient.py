@@ -84,9 +84,9 @@ class PolicyGradientConfig:
     def check_rollout(self, *, batch_size: int, group_size: int, temperature: float):
         """Reject sampling settings this update cannot learn from (ConfigError, with the fix)."""
         if temperature == 0.0:
-            raise ConfigError("rollout.sampling.temperature=0 samples greedily: the completions of a "
-                              "prompt are identical, so group advantages are all 0, and a policy "
-                              "gradient needs a stochastic policy; use temperature > 0.")
+            raise ConfigError("rollout.sampling.temperature=0 samples greedily: the completions "
+                              "of a prompt are identical, so group advantages are all 0, and a "
+                              "policy gradient needs a stochastic policy; use temperature > 0.")
         if self.advantage in GROUP_ESTIMATORS and group_size < 2:
             raise ConfigError(f"reinforce.advantage={self.advantage!r} compares completions of "
                               f"the same prompt, so rollout.group_size must be >= 2 (got "
