@@ -23,8 +23,9 @@ KW = dict(dtype=jnp.float32, param_dtype=jnp.float32)
 
 
 def hope_config(**overrides) -> HopeConfig:
-    return HopeConfig(vocab_size=VOCAB, pad_id=PAD, n_embd=D, n_layer=2, n_head=2,
-                      memory=MEMORY, cms=CMSConfig(periods=(4, 8)), **overrides)
+    base = dict(vocab_size=VOCAB, pad_id=PAD, n_embd=D, n_layer=2, n_head=2, memory=MEMORY,
+                cms=CMSConfig(periods=(4, 8)))
+    return HopeConfig(**{**base, **overrides})
 
 
 def build(kind: str, writes="differentiable", memory=MEMORY, cms=CMSConfig(periods=(3, 4))):
@@ -59,10 +60,20 @@ def modules():
 
 
 @pytest.fixture(scope="module")
-def lm():
-    model = HOPE(hope_config(), rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    return model, params, jax.jit(lambda p, tokens: nnx.merge(graphdef, p)(tokens))
+def lms():
+    """mixer -> (model, params, jitted f(params, tokens) -> logits), one per mixer."""
+    out = {}
+    for mixer in ("selfmod", "attention", "titans"):
+        model = HOPE(hope_config(mixer=mixer), rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+        out[mixer] = (model, params, jax.jit(lambda p, t, g=graphdef: nnx.merge(g, p)(t)))
+    return out
+
+
+def token_batch(T=10):
+    """Row 0: random tokens; row t+1: row 0 with token t changed (one compiled shape for all)."""
+    tokens = jax.random.randint(jax.random.key(2), (T,), 0, PAD)
+    return jnp.stack([tokens] + [tokens.at[t].set((tokens[t] + 1) % PAD) for t in range(T)])
 
 
 def perturbed_batch(x, positions):
@@ -88,13 +99,11 @@ def test_output_t_ignores_inputs_after_t(modules, kind):
 
 
 @pytest.mark.parametrize("mixer", ["selfmod", "attention", "titans"])
-def test_lm_logits_t_ignore_tokens_after_t(mixer):
-    model = HOPE(hope_config(mixer=mixer), rngs=nnx.Rngs(0))
-    T = 10
-    tokens = jax.random.randint(jax.random.key(2), (T,), 0, PAD)
-    batch = jnp.stack([tokens] + [tokens.at[t].set((tokens[t] + 1) % PAD) for t in range(T)])
-    logits = np.asarray(jax.jit(lambda tok: model(tok))(batch))
-    for t in range(T):
+def test_lm_logits_t_ignore_tokens_after_t(lms, mixer):
+    _, params, f = lms[mixer]
+    batch = token_batch()
+    logits = np.asarray(f(params, batch))
+    for t in range(batch.shape[1]):
         np.testing.assert_allclose(logits[t + 1, :t], logits[0, :t], atol=1e-5)
         assert np.abs(logits[t + 1, t:] - logits[0, t:]).max() > 1e-6
 
@@ -159,39 +168,31 @@ def test_initial_state_gets_gradients_through_writes_only_when_differentiable(ki
             leaves = jax.tree.leaves(fast.memories if kind == "selfmod" else fast.weights)
             return sum(jnp.sum(jnp.cos(jnp.arange(w.size).reshape(w.shape)) * w) for w in leaves)
 
-        grads[writes] = init_leaves(nnx.merge(graphdef, jax.jit(jax.grad(probe))(params)))
+        grad = nnx.merge(graphdef, jax.jit(jax.grad(probe))(params))
+        grads[writes] = init_leaves(grad)
+        if kind == "titans":  # theta/eta/alpha act through the writes alone
+            gate_grad = float(jnp.abs(grad.gates.kernel[...]).max())
+            assert (gate_grad > 1e-6) if writes == "differentiable" else (gate_grad == 0.0)
     for d, s in zip(grads["differentiable"], grads["stop_gradient"]):
         r = np.cos(np.arange(s.size).reshape(s.shape))
         np.testing.assert_allclose(s[...], r, atol=1e-5)  # identity: the write is a constant
         assert np.abs(d[...] - r).max() > 1e-4  # the write's own Jacobian contributes
 
 
-def test_titans_gates_learn_only_through_differentiable_writes():
-    """theta/eta/alpha only act through writes: no outer gradient when writes are constants."""
-    x = jax.random.normal(jax.random.key(6), (1, 12, D))
-    real = jnp.ones((1, 12), bool)
-    norms = {}
-    for writes in ("differentiable", "stop_gradient"):
-        module = build("titans", writes=writes)
-        graphdef, params = nnx.split(module)
-        loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, real, module.init_fast(1))[0] ** 2)  # noqa: E731
-        grad = nnx.merge(graphdef, jax.jit(jax.grad(loss))(params))
-        norms[writes] = float(jnp.abs(grad.gates.kernel[...]).max())
-    assert norms["differentiable"] > 1e-6
-    assert norms["stop_gradient"] == 0.0
-
-
-def test_each_example_has_its_own_fast_state(lm):
-    _, params, f = lm
-    a = jax.random.randint(jax.random.key(7), (1, 12), 0, PAD)
-    b = jax.random.randint(jax.random.key(8), (1, 12), 0, PAD)
-    together = f(params, jnp.concatenate([a, b]))
-    np.testing.assert_allclose(together[:1], f(params, a), atol=1e-5)
-    np.testing.assert_allclose(together[1:], f(params, b), atol=1e-5)
+def test_each_example_has_its_own_fast_state(lms):
+    """Row 0's logits do not depend on its batch neighbours, and equal the row run alone."""
+    model, params, f = lms["selfmod"]
+    batch = token_batch()
+    others = jax.random.randint(jax.random.key(8), batch[1:].shape, 0, PAD)
+    mixed = f(params, batch.at[1:].set(others))
+    np.testing.assert_allclose(mixed[0], f(params, batch)[0], atol=1e-5)
+    alone = jax.jit(lambda t: model(t))(batch[:1])
+    np.testing.assert_allclose(mixed[:1], alone, atol=1e-5)
 
 
 def test_fast_state_is_float32_under_bfloat16_compute():
-    model = HOPE(hope_config(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    model = HOPE(hope_config(dtype="bfloat16", param_dtype="bfloat16", n_layer=1),
+                 rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(9), (2, 9), 0, PAD)
     graphdef, params = nnx.split(model)
     logits, fast = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, fast=nnx.merge(graphdef, p)
@@ -216,11 +217,11 @@ def test_deep_memory_over_eight_chunks_stays_finite():
     memory = dataclasses.replace(MEMORY, depth=4)
     module = build("titans", memory=memory)
     graphdef, params = nnx.split(module)
-    x = 3.0 * jax.random.normal(jax.random.key(11), (2, 8 * memory.chunk_size, D))
+    x = 3.0 * jax.random.normal(jax.random.key(11), (1, 8 * memory.chunk_size, D))
     real = jnp.ones(x.shape[:2], bool)
 
     def loss(p):
-        y, fast = nnx.merge(graphdef, p)(x, real, module.init_fast(2))
+        y, fast = nnx.merge(graphdef, p)(x, real, module.init_fast(1))
         return jnp.mean(y ** 2), fast
 
     (value, fast), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
@@ -229,19 +230,17 @@ def test_deep_memory_over_eight_chunks_stays_finite():
 
 
 def test_sharded_loss_equals_one_device(corpus_batch):
-    """Fast state is per example, so splitting the batch over 8 devices changes nothing."""
+    """Fast state is per example (written inside the forward), so 8 devices change nothing."""
     import optax
 
     losses = []
     for mesh in (make_mesh(MeshConfig(data=8)), make_mesh(MeshConfig(data=1), jax.devices()[:1])):
-        init = sharded_init(lambda: TrainState.create(HOPE(hope_config(), rngs=nnx.Rngs(0)),
-                                                      optax.adam(1e-2)), mesh)
+        model = lambda: HOPE(hope_config(mixer="titans", n_layer=1), rngs=nnx.Rngs(0))  # noqa: E731
+        init = sharded_init(lambda: TrainState.create(model(), optax.adam(1e-2)), mesh)
         step = compile_step(sft.train_step, mesh, init.shardings)
-        state = init()
-        for _ in range(2):  # the second loss sees the first update
-            state, metrics = step(state, shard_batch(corpus_batch, mesh), jax.random.key(0))
-            losses.append(float(metrics["loss"]))
-    np.testing.assert_allclose(losses[:2], losses[2:], rtol=1e-5)
+        _, metrics = step(init(), shard_batch(corpus_batch, mesh), jax.random.key(0))
+        losses.append([float(metrics["loss"]), float(metrics["grad_norm"])])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
 @pytest.fixture
@@ -252,8 +251,8 @@ def corpus_batch():
             "loss_mask": np.ones((8, 12), np.float32), "attention_mask": np.ones((8, 12), np.int32)}
 
 
-def test_generate_continues_a_prompt(lm):
-    model, _, _ = lm
+def test_generate_continues_a_prompt(lms):
+    model, _, _ = lms["attention"]
     prompt = jax.random.randint(jax.random.key(12), (2, 5), 0, PAD)
     out = jax.jit(lambda p, k: generate(model, p, k, max_new_tokens=4))(prompt, jax.random.key(0))
     assert out.shape == (2, 4) and bool(((out >= 0) & (out < PAD)).all())

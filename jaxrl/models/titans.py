@@ -281,7 +281,10 @@ class TitansMemory(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 # Self-modifying Titans (HOPE's sequence mixer, spec §3)
 
-SELF_MOD = ("k", "v", "eta", "alpha", "memory")  # adaptive memories; "q" joins with adaptive_q
+# Adaptive memories in two groups of equal shapes, stacked so one vmap serves each group:
+# "vectors" map d_h -> d_h (k, v, memory, and q with adaptive_q), "gates" map d_h -> 1.
+VECTORS = ("k", "v", "memory", "q")
+GATES = ("eta", "alpha")
 
 
 def selfmod_apply(mem, x):
@@ -291,16 +294,21 @@ def selfmod_apply(mem, x):
     return x + out if out.shape[-1] == x.shape[-1] else out
 
 
+def apply_group(group, x):
+    """Every memory of a group on x [C, d_h] -> [G, C, out]."""
+    return jax.vmap(selfmod_apply, in_axes=(0, None))(group, x)
+
+
 @flax.struct.dataclass
 class SelfModState:
-    """Per-example fast memories, name -> (W2 [B, H, d_h, hid], W1 [B, H, hid, out]) float32.
+    """Per-example fast memories, float32: group -> (W2 [B, H, G, d_h, hid], W1 [B, H, G, hid, out]).
 
-    `visible` is M_memory as the reads see it: it catches up with `memories["memory"]` every
+    `visible` is M_memory as the reads see it: it catches up with the written M_memory every
     memory_chunk_size tokens and at the end of each call.
     """
 
-    memories: dict
-    visible: tuple
+    memories: dict  # {"vectors": (W2, W1), "gates": (W2, W1)}
+    visible: tuple  # (W2 [B, H, d_h, hid], W1 [B, H, hid, d_h])
 
 
 @flax.struct.dataclass
@@ -315,41 +323,43 @@ def selfmod_chunk(state: tuple, chunk: SelfModChunk, *, cfg: MemoryConfig, write
                   eta_bias, alpha_bias):
     """Generate k, v, eta, alpha, targets and reads at the chunk-boundary state; then DGD."""
     memories, visible = state
-    names = tuple(memories)
-    k = l2_normalize(selfmod_apply(memories["k"], chunk.x))  # [C, d_h]
-    v = selfmod_apply(memories["v"], chunk.x)  # [C, d_h]
-    q = selfmod_apply(memories["q"], chunk.x) if cfg.adaptive_q else chunk.q
-    q = l2_normalize(q)
-    eta = cfg.max_lr * jax.nn.sigmoid(selfmod_apply(memories["eta"], chunk.x)[:, 0] + eta_bias)
-    alpha = jax.nn.sigmoid(selfmod_apply(memories["alpha"], chunk.x)[:, 0] + alpha_bias)  # [C]
-    eta, alpha = jnp.where(chunk.real, eta, 0.0), jnp.where(chunk.real, alpha, 1.0)
+    vectors = apply_group(memories["vectors"], chunk.x)  # [G, C, d_h]
+    k, v = l2_normalize(vectors[0]), vectors[1]  # [C, d_h]
+    q = l2_normalize(vectors[3] if cfg.adaptive_q else chunk.q)
+    gates = apply_group(memories["gates"], chunk.x)[..., 0]  # [2, C]
+    eta = cfg.max_lr * jax.nn.sigmoid(gates[0] + eta_bias)  # bounded inner lr
+    alpha = jax.nn.sigmoid(gates[1] + alpha_bias)  # retention
+    eta, alpha = jnp.where(chunk.real, eta, 0.0), jnp.where(chunk.real, alpha, 1.0)  # [C]
     y = jax.vmap(selfmod_apply, in_axes=(None, 0))(visible, q)  # [C, d_h]
 
     def inner_loss(mem, k_t, target):
         return jnp.sum((selfmod_apply(mem, k_t) - target) ** 2)
 
-    grads = {}
-    for name in names:
-        vhat = selfmod_apply(memories[name], v)  # [C, out]: each memory makes its own target
+    def group_grads(group):  # per memory, per token: grad at the boundary state
+        vhat = apply_group(group, v)  # [G, C, out]: each memory makes its own target
         if cfg.stopgrad_vhat:
             vhat = jax.lax.stop_gradient(vhat)
-        grads[name] = jax.vmap(jax.grad(inner_loss), in_axes=(None, 0, 0))(memories[name], k, vhat)
-        grads[name] = jax.vmap(lambda g: soft_clamp(g, cfg.max_surprise_norm))(grads[name])
+        per_token = jax.vmap(jax.grad(inner_loss), in_axes=(None, 0, 0))
+        grads = jax.vmap(per_token, in_axes=(0, None, 0))(group, k, vhat)  # [G, C, ...]
+        clamp = lambda g: soft_clamp(g, cfg.max_surprise_norm)  # noqa: E731
+        return jax.vmap(jax.vmap(clamp))(grads)
+
+    grads = {name: group_grads(group) for name, group in memories.items()}
 
     def dgd(mems, t):  # one token's write to every memory (state-only carry)
         new = {}
-        for name in names:
-            (w2, w1), (g2, g1) = mems[name], jax.tree.map(lambda g: g[t], grads[name])
+        for name, (w2, w1) in mems.items():  # w2 [G, d_h, hid], w1 [G, hid, out]
+            g2, g1 = (g[:, t] for g in grads[name])
             decayed = alpha[t] * w2
             if cfg.dgd_precond_target == "input":  # W2 (alpha I - eta k k^T), without a d x d
-                decayed = decayed - eta[t] * jnp.outer(k[t], k[t] @ w2)  # [d_h, hid]
+                decayed = decayed - eta[t] * jnp.einsum("d,gh->gdh", k[t], k[t] @ w2)
             new[name] = (decayed - eta[t] * g2, alpha[t] * w1 - eta[t] * g1)
         return new, None
 
     written, _ = jax.lax.scan(dgd, memories, jnp.arange(k.shape[0]))
     written = _write(memories, written, writes)
-    visible = jax.tree.map(lambda new, old: jnp.where(chunk.publish, new, old),
-                           written["memory"], visible)
+    memory = jax.tree.map(lambda w: w[2], written["vectors"])
+    visible = jax.tree.map(lambda new, old: jnp.where(chunk.publish, new, old), memory, visible)
     return (written, visible), y
 
 
@@ -373,20 +383,19 @@ class SelfModTitans(nnx.Module):
         self.out = linear(d_model, ("heads", "embed"))
         self.eta_bias = nnx.Param(jnp.zeros((H,)))
         self.alpha_bias = nnx.Param(jnp.full((H,), 4.0))  # retention ~0.98 at init
-        names = SELF_MOD + (("q",) if cfg.adaptive_q else ())
-        width = {"eta": 1, "alpha": 1}
+        vectors = VECTORS if cfg.adaptive_q else VECTORS[:3]
         normal = nnx.initializers.normal
-        self.init_memories = nnx.Dict({
-            name: nnx.List([
-                _param(normal(1.0 / math.sqrt(dh)), (H, dh, hid), (None, None, None), rngs),
-                _param(normal(0.1 / math.sqrt(hid)), (H, hid, width.get(name, dh)),
-                       (None, None, None), rngs)])
-            for name in names})
+        group = lambda n, out: nnx.List([  # noqa: E731
+            _param(normal(1.0 / math.sqrt(dh)), (H, n, dh, hid), (None,) * 4, rngs),
+            _param(normal(0.1 / math.sqrt(hid)), (H, n, hid, out), (None,) * 4, rngs)])
+        self.init_memories = nnx.Dict({"vectors": group(len(vectors), dh),
+                                       "gates": group(len(GATES), 1)})
 
     def init_fast(self, batch_size: int) -> SelfModState:
         grow = lambda w: jnp.broadcast_to(w[...].astype(jnp.float32), (batch_size, *w.shape))  # noqa: E731
-        memories = {name: (grow(m[0]), grow(m[1])) for name, m in self.init_memories.items()}
-        return SelfModState(memories=memories, visible=memories["memory"])
+        memories = {name: (grow(g[0]), grow(g[1])) for name, g in self.init_memories.items()}
+        visible = jax.tree.map(lambda w: w[:, :, 2], memories["vectors"])  # M_memory
+        return SelfModState(memories=memories, visible=visible)
 
     def __call__(self, x, real, fast: SelfModState):
         """x: [B, T, d]; real: [B, T] bool. -> (y [B, T, d], fast')."""
