@@ -9,7 +9,9 @@ count (`CMSState.count`): equivalent to buffering the tokens, and counted in tok
 calls, not in calls. `flush_partial` applies a partial chunk at the end of each call.
 
 The local objective (`objective: local`) is an associative reconstruction loss,
-`||MLP(LN(x_t)) - sg(x_t)||^2`: each level stores what passes through it. The LM teach signal
+`||MLP(LN(x_t)) - sg(LN(x_t))||^2`: each level stores what passes through it, at the scale of
+its normalised input (the residual stream's own scale grows; a raw target made writes blow up).
+Each write's summed gradient is soft-clamped to `max_grad_norm`. The LM teach signal
 of the reference (`objective: teach`) is not implemented yet.
 """
 
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrl.core.config import ConfigError
-from jaxrl.models.titans import Writes, _param, _write
+from jaxrl.models.titans import Writes, _param, _write, soft_clamp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,7 @@ class CMSConfig:
     expansion: int = 4  # MLP hidden width = expansion * n_embd
     lr: float = 1e-2  # inner learning rate of every level
     residual_clip: float = 1.0  # per-token norm bound of each level's residual delta
+    max_grad_norm: float = 1.0  # soft clamp of each write's summed gradient
     flush_partial: bool = True  # apply a partial chunk at the end of each call
     order: Literal["fast_first", "slow_first"] = "fast_first"
     objective: Literal["local", "teach"] = "local"
@@ -50,8 +53,8 @@ class CMSConfig:
             raise ConfigError("cms.state=persistent needs the fast state carried across training "
                               "steps, which the LM recipe does not do yet; use per_sequence (the "
                               "fast state API `HOPE(..., fast=...)` carries it across calls).")
-        if self.lr < 0 or self.residual_clip <= 0:
-            raise ConfigError("cms.lr must be >= 0 and cms.residual_clip > 0.")
+        if self.lr < 0 or self.residual_clip <= 0 or self.max_grad_norm <= 0:
+            raise ConfigError("cms.lr must be >= 0, cms.residual_clip and max_grad_norm > 0.")
 
 
 @flax.struct.dataclass
@@ -92,8 +95,8 @@ def run_level(weights, pending, count, x, real, *, norm, period: int, cfg: CMSCo
     last = jnp.arange(n_chunks) == (offset + T - 1) // period  # the chunk holding the last token
 
     def local_loss(w, xc, mc):  # xc: [period, d]
-        pred = level_delta(w, norm(xc))
-        return jnp.sum(mc[:, None] * (pred - jax.lax.stop_gradient(xc)) ** 2)
+        h = norm(xc)
+        return jnp.sum(mc[:, None] * (level_delta(w, h) - jax.lax.stop_gradient(h)) ** 2)
 
     @jax.checkpoint
     def chunk_step(carry, inputs):
@@ -102,7 +105,8 @@ def run_level(weights, pending, count, x, real, *, norm, period: int, cfg: CMSCo
         y = xc + clip_norm(level_delta(w, norm(xc)), cfg.residual_clip)  # [period, d]
         acc = jax.tree.map(jnp.add, acc, jax.grad(local_loss)(w, xc, mc))
         apply = done | (is_last & cfg.flush_partial)
-        stepped = _write(w, jax.tree.map(lambda p, g: p - cfg.lr * g, w, acc), writes)
+        update = soft_clamp(acc, cfg.max_grad_norm)
+        stepped = _write(w, jax.tree.map(lambda p, g: p - cfg.lr * g, w, update), writes)
         w = jax.tree.map(lambda a, b: jnp.where(apply, a, b), stepped, w)
         acc = jax.tree.map(lambda g: jnp.where(apply, 0.0, g), acc)
         return (w, acc), y
