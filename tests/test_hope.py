@@ -1,4 +1,4 @@
-"""HOPE mechanisms: causality, CMS cadence and flush, write gradients, per-example state, numerics."""
+"""HOPE mechanisms: causality, CMS cadence and flush, write gradients, per-example state, dtypes."""
 
 import dataclasses
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrl.core.config import ConfigError
-from jaxrl.models.titans import Writes, _param, _write, soft_clamp
+from jaxrl.models.titans import Writes, _param, _write, per_example, soft_clamp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +136,8 @@ class CMS(nnx.Module):
             for _ in periods])
 
     def init_fast(self, batch_size: int) -> CMSState:
-        grow = lambda w: jnp.broadcast_to(w[...].astype(jnp.float32), (batch_size, *w.shape))  # noqa: E731
-        weights = tuple((grow(w_in), grow(w_out)) for w_in, w_out in self.init_weights)
+        weights = tuple((per_example(w_in, batch_size), per_example(w_out, batch_size))
+                        for w_in, w_out in self.init_weights)
         return CMSState(weights=weights, pending=jax.tree.map(jnp.zeros_like, weights),
                         count=jnp.zeros((batch_size,), jnp.int32))
 

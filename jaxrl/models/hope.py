@@ -59,11 +59,13 @@ class HopeConfig:
     def validate(self):
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in _DTYPES:
-                raise ConfigError(f"{field}={getattr(self, field)!r}; choose one of {sorted(_DTYPES)}.")
+                raise ConfigError(f"{field}={getattr(self, field)!r}; choose one of "
+                                  f"{sorted(_DTYPES)}.")
         if self.n_embd % self.memory.heads or self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd} must be divisible by memory.heads and n_head.")
         if not 0 <= self.pad_id < self.vocab_size:
-            raise ConfigError(f"pad_id={self.pad_id} must index the embedding (vocab_size={self.vocab_size}).")
+            raise ConfigError(f"pad_id={self.pad_id} must index the embedding "
+                              f"(vocab_size={self.vocab_size}).")
         self.memory.validate()
         self.cms.validate()
 
@@ -128,7 +130,7 @@ class HOPE(nnx.Module):
         self.ln_f = nnx.LayerNorm(cfg.n_embd, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def init_fast(self, batch_size: int) -> HopeState:
-        """Each example's fast state at the start of a sequence: the meta-learned initial weights."""
+        """Each example's fast state at a sequence start: the meta-learned initial weights."""
         states = [block.init_fast(batch_size) for block in self.h]
         return HopeState(mixer=tuple(s[0] for s in states), cms=tuple(s[1] for s in states))
 

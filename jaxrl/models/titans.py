@@ -42,7 +42,7 @@ class MemoryConfig:
     gate_granularity: Literal["token", "chunk"] = "token"  # Titans theta is per token always
     unit_size: int = 4  # gate_granularity=chunk: tokens per summed gradient and per eta/alpha
     read_after_write: bool = False  # Titans: token t reads weights that include its own write
-    max_lr: float = 0.1  # bounded inner learning rate: theta (Titans), eta (self-mod) in (0, max_lr)
+    max_lr: float = 0.1  # bounded inner lr in (0, max_lr): theta (Titans), eta (self-mod)
     max_surprise_norm: float = 1.0  # soft clamp of each write's gradient norm
     conv_width: int = 4  # short causal depthwise conv on q/k/v
     # self-modifying mixer only
@@ -71,6 +71,11 @@ class MemoryConfig:
 def _param(init, shape, names, rngs: nnx.Rngs, dtype=jnp.float32):
     init = nnx.with_partitioning(init, names, eager_sharding=False)
     return nnx.Param(init(rngs.params(), shape, dtype))
+
+
+def per_example(param, batch_size: int):
+    """A meta-learned initial state as every example's own float32 copy: [B, ...]."""
+    return jnp.broadcast_to(param[...].astype(jnp.float32), (batch_size, *param.shape))
 
 
 def _write(old, new, writes: Writes):
@@ -180,7 +185,8 @@ def titans_chunk(state: tuple, chunk: TitansChunk, *, cfg: MemoryConfig, writes:
     grads = jax.vmap(jax.grad(inner_loss), in_axes=(None, 0, 0, 0))(
         weights, chunk.k, chunk.v, chunk.theta)  # per layer [C, d_in, d_out]
     grads = jax.tree.map(lambda g: g.reshape(U, unit, *g.shape[1:]).sum(1), grads)  # [U, ...]
-    surprise = jax.vmap(lambda g: jax.tree.map(jnp.negative, soft_clamp(g, cfg.max_surprise_norm)))(grads)
+    clamp = lambda g: soft_clamp(g, cfg.max_surprise_norm)  # noqa: E731
+    surprise = jax.tree.map(jnp.negative, jax.vmap(clamp)(grads))  # one clamp per unit
     eta = jnp.where(chunk.real, chunk.eta, 1.0)  # a pad unit leaves momentum as it is
     moments = gated_scan(eta, momentum, surprise)  # [U+1, ...]
     step = jax.tree.map(lambda s: s[1:] * chunk.real.reshape(-1, *[1] * (s.ndim - 1)), moments)
@@ -216,7 +222,8 @@ class TitansMemory(nnx.Module):
         self.conv = CausalConv(cfg.conv_width, 3 * d_model, rngs)
         self.gates = nnx.Linear(d_model, 3 * H, dtype=jnp.float32, param_dtype=param_dtype,
                                 rngs=rngs, kernel_init=nnx.initializers.zeros,
-                                bias_init=lambda key, shape, dtype: jnp.repeat(  # theta 0.5, eta 0.88, alpha 0.018
+                                # theta 0.5 * max_lr, eta 0.88, alpha 0.018 at init
+                                bias_init=lambda key, shape, dtype: jnp.repeat(
                                     jnp.array([0.0, 2.0, -4.0], dtype), H))
         self.retrieve_gate = linear(d_model, ("embed", "heads"))
         self.out = linear(d_model, ("heads", "embed"))
@@ -226,8 +233,7 @@ class TitansMemory(nnx.Module):
             for a, b in zip(dims[:-1], dims[1:])])
 
     def init_fast(self, batch_size: int) -> TitansState:
-        weights = tuple(jnp.broadcast_to(w[...].astype(jnp.float32), (batch_size, *w.shape))
-                        for w in self.init_weights)
+        weights = tuple(per_example(w, batch_size) for w in self.init_weights)
         return TitansState(weights=weights, momentum=jax.tree.map(jnp.zeros_like, weights))
 
     def __call__(self, x, real, fast: TitansState):
@@ -255,7 +261,8 @@ class TitansMemory(nnx.Module):
             a = a.reshape(B, H, N, per, *a.shape[3:])
             return jnp.moveaxis(a, 2, 0)
 
-        heads_last = lambda a: jnp.broadcast_to(a, (B, a.shape[1], H)).transpose(0, 2, 1)  # noqa: E731
+        heads_last = lambda a: jnp.broadcast_to(  # noqa: E731
+            a, (B, a.shape[1], H)).transpose(0, 2, 1)  # [B, H, ...]
         xs = TitansChunk(
             q=chunks(pad_to_chunks(q.transpose(0, 2, 1, 3), C).transpose(0, 2, 1, 3), C),
             k=chunks(pad_to_chunks(k.transpose(0, 2, 1, 3), C).transpose(0, 2, 1, 3), C),
@@ -301,7 +308,7 @@ def apply_group(group, x):
 
 @flax.struct.dataclass
 class SelfModState:
-    """Per-example fast memories, float32: group -> (W2 [B, H, G, d_h, hid], W1 [B, H, G, hid, out]).
+    """Per-example fast memories, float32: group -> (W2 [B, H, G, d_h, hid], W1 [B, H, G, hid, o]).
 
     `visible` is M_memory as the reads see it: it catches up with the written M_memory every
     memory_chunk_size tokens and at the end of each call.
@@ -364,7 +371,7 @@ def selfmod_chunk(state: tuple, chunk: SelfModChunk, *, cfg: MemoryConfig, write
 
 
 class SelfModTitans(nnx.Module):
-    """Self-referential Titans: k, v, eta, alpha (and q) come from memories that update themselves."""
+    """Self-referential Titans: k, v, eta, alpha (and q) from memories that rewrite themselves."""
 
     def __init__(self, cfg: MemoryConfig, d_model: int, *, writes: Writes, dtype, param_dtype,
                  rngs: nnx.Rngs):
@@ -392,8 +399,8 @@ class SelfModTitans(nnx.Module):
                                        "gates": group(len(GATES), 1)})
 
     def init_fast(self, batch_size: int) -> SelfModState:
-        grow = lambda w: jnp.broadcast_to(w[...].astype(jnp.float32), (batch_size, *w.shape))  # noqa: E731
-        memories = {name: (grow(g[0]), grow(g[1])) for name, g in self.init_memories.items()}
+        memories = {name: (per_example(w2, batch_size), per_example(w1, batch_size))
+                    for name, (w2, w1) in self.init_memories.items()}
         visible = jax.tree.map(lambda w: w[:, :, 2], memories["vectors"])  # M_memory
         return SelfModState(memories=memories, visible=visible)
 
