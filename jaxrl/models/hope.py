@@ -49,7 +49,6 @@ class HopeConfig:
     writes: Writes = "differentiable"  # mode D (meta-learning) or mode S (stop-gradient writes)
     memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
     cms: CMSConfig = dataclasses.field(default_factory=CMSConfig)
-    dropout: float = 0.0  # unused by the memories; kept for GPT-2's loss interface
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; fast state and scans are float32 always
 
