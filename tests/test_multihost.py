@@ -210,6 +210,6 @@ def test_every_recipe_runs_on_several_processes_or_refuses():
     runs = {name for verdict, name, *_ in lines if verdict == "RUNS"}
     refusals = {name: why for verdict, name, *why in lines if verdict == "REFUSES"}
     assert runs == {"sft", "ppo"}  # tested above: test_sigterm_*, test_default_ppo_job_*
-    assert set(refusals) == {"reinforce", "eval_code", "eval_lm", "prospector_eval"}
+    assert set(refusals) == {"reinforce", "eval_code", "eval_lm", "prospector_eval", "sft_hope"}
     for name, (why,) in refusals.items():
         assert f"recipe {name!r} runs in one process, but this job has 2" in why

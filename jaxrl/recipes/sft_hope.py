@@ -27,6 +27,10 @@ from jaxrl.data.lm import LMDataConfig, load_lm_data
 from jaxrl.models.hope import HOPE, HopeConfig, parameter_count
 from jaxrl.recipes import sft
 
+# Refused with several processes (checked by `jaxrl.launch` before any device work).
+SINGLE_PROCESS = ("it has not been run on several processes yet (its steps are the SFT "
+                  "recipe's, which has); run it on one host")
+
 
 @dataclasses.dataclass
 class Config(RecipeConfig):
