@@ -73,16 +73,8 @@ def iter_file(file: Path, source: SourceConfig) -> Iterator[str]:
         text = file.read_text(encoding="utf-8")
         yield from text.split(source.separator) if source.separator else [text]
         return
-    with file.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise sources.DataError(f"{file}:{line_no}: malformed JSON ({e.msg} at column {e.colno}); "
-                                        "each line must be one JSON object: fix or delete that line.") from None
-            yield sources._text_of(row, source.text_field, f"{file}:{line_no}")
+    for where, row in sources.jsonl_rows(file):
+        yield sources._text_of(row, source.text_field, where)
 
 
 def normalize(text: str, cfg: NormalizeConfig) -> str:

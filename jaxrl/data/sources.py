@@ -13,9 +13,9 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Format = Literal["auto", "text", "jsonl", "tfds"]
 
@@ -78,18 +78,25 @@ def read_text_documents(file: Path, separator: str = "") -> list[str]:
     return [d for d in docs if d]
 
 
+def jsonl_rows(file: str | Path) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, row) for each non-blank line, streamed; a line that is not JSON is a
+    DataError naming the file and line. Every JSONL reader in jaxrl goes through here."""
+    with open(file, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{file}:{line_no}: malformed JSON ({e.msg} at column {e.colno}). "
+                                "Each line must be one JSON object; fix or delete that line.") from None
+            yield f"{file}:{line_no}", row
+
+
 def read_jsonl_documents(file: Path, text_field: str = "text") -> list[str]:
     """One document per JSONL row from `row[text_field]`; blank lines are skipped."""
-    docs = []
-    for line_no, line in enumerate(_read_nonempty(file).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{file}:{line_no}: malformed JSON ({e.msg} at column {e.colno}). "
-                            "Each line must be one JSON object; fix or delete that line.") from None
-        docs.append(_text_of(row, text_field, f"{file}:{line_no}"))
+    _read_nonempty(file)
+    docs = [_text_of(row, text_field, where) for where, row in jsonl_rows(file)]
     if not docs:
         raise DataError(f"{file}: no JSON rows (only blank lines). Give a file with one object per line.")
     return docs

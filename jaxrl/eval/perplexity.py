@@ -20,13 +20,12 @@ harness's per-word perplexity. Long contexts are cut on the left (`truncated` co
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
-from jaxrl.data.sources import DataError
+from jaxrl.data.sources import DataError, jsonl_rows
 from jaxrl.eval.lm_model import LanguageModel, score_sequences
 from jaxrl.eval.zeroshot import encode_pair, fit_row
 
@@ -86,21 +85,13 @@ def load_stream(path, tokenizer, *, split: str = "val", max_tokens: int = 0) -> 
 def load_lambada(path, *, limit: int = 0) -> list[dict]:
     """LAMBADA rows; a malformed one is an error naming the file and line."""
     path, rows = Path(path), []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}).") from None
-            fields = ("context", "continuation")
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
-                raise DataError(f"{where}: a LAMBADA row needs string fields context and continuation.")
-            rows.append({**row, "where": where})
-            if limit and len(rows) == limit:
-                break
+    for where, row in jsonl_rows(path):
+        fields = ("context", "continuation")
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
+            raise DataError(f"{where}: a LAMBADA row needs string fields context and continuation.")
+        rows.append({**row, "where": where})
+        if limit and len(rows) == limit:
+            break
     if not rows:
         raise DataError(f"{path}: no rows.")
     return rows

@@ -34,12 +34,11 @@ batch, no row scored twice.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
-from jaxrl.data.sources import DataError
+from jaxrl.data.sources import DataError, jsonl_rows
 from jaxrl.eval.lm_model import LanguageModel, score_sequences
 
 
@@ -99,19 +98,10 @@ def load_items(path: str | Path, *, delimiter: str = " ", limit: int = 0) -> lis
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such zero-shot file.")
     items = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or delete "
-                                "that line.") from None
-            items.append(_parse(row, delimiter, where))
-            if limit and len(items) == limit:
-                break
+    for where, row in jsonl_rows(path):
+        items.append(_parse(row, delimiter, where))
+        if limit and len(items) == limit:
+            break
     if not items:
         raise DataError(f"{path}: no rows.")
     return items

@@ -123,11 +123,7 @@ def run(cfg: Config) -> dict:
     run_dir = Path(cfg.run.dir)
 
     def eval_fn(state, step):
-        total, count = 0.0, 0.0
-        for batch in data.val_batches(cfg.eval_batches):
-            loss_sum, n = jax.device_get(evaluate(state, shard_batch(batch, mesh)))
-            total, count = total + float(loss_sum), count + float(n)
-        val_loss = total / max(count, 1.0)
+        val_loss = validation_loss(evaluate, state, data, mesh, cfg.eval_batches)
         texts = sample(replicate(state.replace(opt_state=None), mesh), tokenizer, cfg.samples,
                        jax.random.key(cfg.run.seed + step))
         if jax.process_index() == 0:
@@ -154,6 +150,16 @@ def run(cfg: Config) -> dict:
     if jax.process_index() == 0:
         print("\n" + "\n".join(f"  {k:<12} {v}" for k, v in summary.items()), flush=True)
     return summary
+
+
+def validation_loss(evaluate, state, data, mesh, max_batches: int) -> float:
+    """Mean token loss over the validation split (`max_batches`; 0: all), `evaluate` being
+    `compile_eval(eval_step, ...)`: sums and counts, so a half-filled last batch weighs right."""
+    total, count = 0.0, 0.0
+    for batch in data.val_batches(max_batches):
+        loss_sum, n = jax.device_get(evaluate(state, shard_batch(batch, mesh)))
+        total, count = total + float(loss_sum), count + float(n)
+    return total / max(count, 1.0)
 
 
 def sample(state: TrainState, tokenizer: Tokenizer, cfg: SampleConfig, key) -> list[str]:

@@ -20,7 +20,7 @@ from flax import nnx
 from jaxrl.algorithms.optimizer import OptimizerConfig, make_optimizer
 from jaxrl.core.config import ConfigError, RecipeConfig
 from jaxrl.core.loop import train
-from jaxrl.core.mesh import check_batch_size, make_mesh, shard_batch
+from jaxrl.core.mesh import check_batch_size, make_mesh
 from jaxrl.core.step import compile_eval, compile_step, sharded_init
 from jaxrl.core.train_state import TrainState
 from jaxrl.data.lm import LMDataConfig, load_lm_data
@@ -60,11 +60,7 @@ def run(cfg: Config) -> dict:
     evaluate = compile_eval(sft.eval_step, mesh, init.shardings)
 
     def eval_fn(state, step):
-        total, count = 0.0, 0.0
-        for batch in data.val_batches(cfg.eval_batches):
-            loss_sum, n = jax.device_get(evaluate(state, shard_batch(batch, mesh)))
-            total, count = total + float(loss_sum), count + float(n)
-        val_loss = total / max(count, 1.0)
+        val_loss = sft.validation_loss(evaluate, state, data, mesh, cfg.eval_batches)
         if jax.process_index() == 0:
             print(f"\n[step {step}] val_loss {val_loss:.4f}  val_ppl {np.exp(val_loss):.2f}",
                   flush=True)
