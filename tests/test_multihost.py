@@ -93,7 +93,7 @@ def test_ppo_cartpole_on_two_local_devices(tmp_path):
     assert "2 devices in 1 process(es)" in out.stdout
 
 
-SFT = ["sft_gpt2_shakespeare", "loop.steps=24", "loop.checkpoint_every=8", "loop.eval_every=0",
+SFT = ["sft_gpt2_shakespeare", "loop.steps=16", "loop.checkpoint_every=8", "loop.eval_every=0",
        "model.dropout=0.1", "mesh.data=-1", "mesh.fsdp=2", *TINY_SFT_OVERRIDES]
 
 
@@ -106,7 +106,7 @@ def test_sft_on_two_processes_matches_one_and_resumes_bitwise_after_sigterm(tmp_
     straight = start_pair(args, tmp_path / "straight")
     for p, out in zip(straight, finish(straight)):
         assert p.returncode == 0, out[-3000:]
-    assert len(losses(tmp_path / "straight")) == 24
+    assert len(losses(tmp_path / "straight")) == 16
     assert losses(tmp_path / "straight") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
 
     run = tmp_path / "resumed"
@@ -119,7 +119,7 @@ def test_sft_on_two_processes_matches_one_and_resumes_bitwise_after_sigterm(tmp_
         assert p.returncode == 0, out[-3000:]
         assert "SIGTERM: saved step" in out, out[-3000:]
     stopped = Checkpointer(run / "checkpoints").latest_step()
-    assert 0 < stopped < 24  # it stopped mid-run, at one step both agreed on
+    assert 0 < stopped < 16  # it stopped mid-run, at one step both agreed on
     rerun = start_pair(args, run)
     outs = finish(rerun)
     for p, out in zip(rerun, outs):
@@ -127,7 +127,7 @@ def test_sft_on_two_processes_matches_one_and_resumes_bitwise_after_sigterm(tmp_
     assert f"resumed from {run / 'checkpoints'} at step {stopped}" in outs[0]
 
     assert losses(run) == losses(tmp_path / "straight")  # bitwise, every step once
-    assert Checkpointer(run / "checkpoints").latest_step() == 24
+    assert Checkpointer(run / "checkpoints").latest_step() == 16
     exported = [load_file(d / "hf" / "model.safetensors") for d in (run, tmp_path / "straight")]
     assert exported[0].keys() == exported[1].keys()
     for name in exported[0]:
