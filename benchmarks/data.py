@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from machine import machine_info  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, BATCH = 1024, 8
@@ -105,15 +106,6 @@ def measure(part: str, corpus: Path, shard_dir: Path, seconds: float) -> dict:
     return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mib": round(peak / 2**20)}
 
 
-def cpu_info() -> dict:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    return {"model": fields.get("Model name", platform.processor()).strip(), "cores": os.cpu_count(),
-            "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "amx": sorted(f for f in flags if f.startswith("amx"))}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "data.json"))
@@ -136,7 +128,7 @@ def main() -> None:
         "corpus": {"documents": rows, "mib": corpus_mib, "what": "shared corpora + Python stdlib .py, one JSONL row per file, 16 files"},
         "seq_len": SEQ_LEN, "batch_size": BATCH,
         **results,
-        "cpu": cpu_info(),
+        "machine": machine_info(shared=True),
         "python": platform.python_version(),
         "note": "one run on a 2-core machine shared with other developers' jobs at the same time; "
                 "expect noise of tens of percent",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from flax import nnx
 from jaxrl.algorithms.optimizer import OptimizerConfig, make_optimizer
 from jaxrl.models.generate import generate
 from jaxrl.models.gpt2 import GPT2, GPT2Config
+from machine import machine_info  # benchmarks/ is on sys.path when run as a script
 
 SHAPES = {
     "full": dict(preset="124M", batch=4, seq=256, matmul=4096, prompt=32, new=128, decode_batches=(1, 8), repeats=2),
@@ -197,8 +197,7 @@ def main():
     results = {
         "shapes": shapes,
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
+            **machine_info(),
             "torch_threads": torch.get_num_threads(),
             "jax": jax.__version__,
             "torch": torch.__version__,

@@ -24,6 +24,7 @@ from jaxrl.eval.grading import PythonGrader, default_workers
 from jaxrl.eval.sandbox import Sandbox
 from jaxrl.eval.tasks import load_humaneval, load_mbpp
 from jaxrl.eval.verilog import VerilogGrader, default_cvdp_paths, load_cvdp
+from machine import machine_info  # benchmarks/ is on sys.path when run as a script
 
 
 def time_ours(tasks, workers: int) -> tuple[float, int]:
@@ -106,6 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     workers = default_workers()
     report = {
+        "machine": machine_info(),
         "host": {"cpus": workers, "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
                  "bwrap": subprocess.run(["bwrap", "--version"], capture_output=True, text=True).stdout.strip(),
                  "iverilog": subprocess.run(["iverilog", "-V"], capture_output=True, text=True).stdout.splitlines()[0]},
