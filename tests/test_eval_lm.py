@@ -1,4 +1,5 @@
-"""LM evaluations (issue 11): each eval on a tiny GPT-2, zero-shot parity with PyTorch transformers, bad input.
+"""LM evaluations (issue 11): each eval on a tiny GPT-2, zero-shot parity with PyTorch transformers, bad input,
+and HOPE (the second model) through every eval with its test-time memory.
 
 One tiny random GPT-2 (1 layer, 32 wide, 64 positions) is shared by every test, with its
 embeddings scaled up so choices differ by whole nats rather than by float noise.
@@ -10,6 +11,7 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -25,9 +27,11 @@ from jaxrl.data import corpus
 from jaxrl.data.manifest import load_manifest
 from jaxrl.data.sources import DataError
 from jaxrl.data.tokenizer import Tokenizer
-from jaxrl.eval import continual, lm_report, niah, perplexity, zeroshot
-from jaxrl.eval.lm_model import NNXLM, TokenScores, score_sequences
-from jaxrl.models import gpt2
+from jaxrl.eval import continual, lm_model, lm_report, niah, perplexity, zeroshot
+from jaxrl.eval.lm_model import NNXLM, FastStateLM, TokenScores, score_sequences
+from jaxrl.models import gpt2, hope
+from jaxrl.models.cms import CMSConfig
+from jaxrl.models.titans import MemoryConfig
 from jaxrl.recipes.eval_lm import ZEROSHOT_SETS, _default_delimiters
 
 N_POSITIONS = 64
@@ -279,3 +283,63 @@ def test_continual_config_reads_a_yaml_list_of_segments_and_draws_the_forgetting
     assert (tmp_path / "continual.png").read_bytes()[:4] == b"\x89PNG"
     assert lm_report.table_rows("continual", result)[0] == \
         "| continual | CE a after the last stage (forgetting +0.5000) | 2.5000 |"
+
+
+@pytest.fixture(scope="module")
+def hope_run(tmp_path_factory) -> tuple[Path, hope.HOPE]:
+    """A run dir holding a tiny random HOPE export (self-mod mixer + CMS), and the model itself."""
+    cfg = hope.HopeConfig(n_embd=16, n_layer=1, n_positions=32, cms=CMSConfig(periods=(4, 8)),
+                          memory=MemoryConfig(heads=2, chunk_size=4, unit_size=2, memory_chunk_size=8))
+    model = hope.HOPE(cfg, rngs=nnx.Rngs(0))
+    run = tmp_path_factory.mktemp("hope_run")
+    hope.save_pretrained(model, run / "hope")
+    return run, model
+
+
+def test_a_hope_run_goes_through_every_eval_and_memorises_in_continual(hope_run, tmp_path, shared_data):
+    run, _ = hope_run
+    out = tmp_path / "eval"
+    segments = ("[{name: a, path: corpora/tinyshakespeare/input.txt, stop: 0.01}, "
+                "{name: b, path: corpora/wikitext-2-tokenized/valid.txt, stop: 0.01}]")
+    rc = launch.main(["configs/eval_lm.yaml", f"model={run}", f"run.dir={out}", f"data_dir={shared_data}",
+                      "tasks=copa,lambada,perplexity,niah,continual", "zeroshot.limit=4", "lambada.limit=4",
+                      "perplexity.max_tokens=100", "niah.lengths=[32]", "niah.samples=1", "niah.kinds=[number]",
+                      f"continual.segments={segments}", "continual.steps=2", "continual.seq_len=16",
+                      "continual.eval_windows=3", "continual.max_tokens=2000"])
+    assert rc == 0
+    for name in ("zeroshot", "lambada", "perplexity", "niah", "continual"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == str(run / "hope") and summary["perplexity"]["tokens"] == 100
+    assert summary["niah"]["lengths"] == [32] and summary["lambada"]["items"] == 4
+    cont = json.loads((out / "continual.json").read_text())
+    ce, mem = np.array(cont["ce"]), np.array(cont["ce_memorize"])
+    assert ce.shape == mem.shape == (3, 2)
+    assert np.abs(mem - ce).min() > 0  # every score after memorising differs: the memory is carried
+    assert "memorising (forgetting" in (out / "results.md").read_text()
+
+
+def test_memorising_keeps_each_row_its_own_memory_and_leaves_the_model_as_it_was(hope_run):
+    """Row r of a memorised batch is scored as the exported module reading row r's memory, and
+    the model memorize was called on still scores from the initial memory. (The shapes and mesh
+    are the CLI test's continual ones, so its compiled functions are reused.)"""
+    run, model = hope_run
+    lm = lm_model.load(run / "hope")
+    assert isinstance(lm, FastStateLM)
+    rng = np.random.default_rng(0)
+    memo = rng.integers(0, 500, (8, 17)).astype(np.int32)
+    query = np.tile(rng.integers(0, 500, 17), (8, 1)).astype(np.int32)
+    before = lm.logprobs(query, np.ones_like(query))
+    after = lm.memorize(memo, np.ones_like(memo)).logprobs(query, np.ones_like(query))
+    np.testing.assert_array_equal(lm.logprobs(query, np.ones_like(query)).logprobs, before.logprobs)
+    np.testing.assert_allclose(before.logprobs[0], before.logprobs[1], atol=1e-6)  # same row, same memory
+
+    @jax.jit
+    def direct(memo, query):  # one row, on the module as it was before export
+        _, fast = model(memo, fast=model.init_fast(1))
+        logits, _ = model(query[:, :-1], fast=fast)
+        return jnp.take_along_axis(jax.nn.log_softmax(logits), query[:, 1:, None], -1)[0, :, 0]
+
+    for r in (0, 5):
+        np.testing.assert_allclose(after.logprobs[r, 1:], direct(memo[r : r + 1], query[r : r + 1]), atol=1e-5)
+    assert np.abs(after.logprobs[0] - after.logprobs[5]).max() > 1e-6

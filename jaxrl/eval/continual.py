@@ -7,7 +7,7 @@ held-out windows before training (stage "start") and after training `steps` Adam
 each segment in turn (one optimizer throughout, batches of random windows of the segment's
 training part). `ce[stage][segment]` is the mean next-token cross-entropy in nats;
 `forgetting[segment]` = CE after the last stage minus CE right after training on that segment
-(positive: forgotten).
+(positive: forgotten); `forgetting_memorize` is the same from `ce_memorize`.
 
 With test-time memorisation (models that have `memorize`, see `lm_model`), every stage is
 scored a second time reading each segment's held-out windows in order: window i is scored by
@@ -110,11 +110,16 @@ def continual_curve(lm: NNXLM, segments: list[Segment], *, steps: int, lr: float
         ce.append(plain)
         ce_mem.append(mem)
     names = [s.name for s in segments]
+
+    def forgetting(m):
+        return {n: m[-1][j] - m[j + 1][j] for j, n in enumerate(names)}
+
     return {
         "segments": names, "stages": stages, "steps_per_segment": steps, "ce": ce,
         "ce_memorize": ce_mem if memorizes else None,
         "memorize": "scored with test-time memorisation too" if memorizes else
                     "not measured: the model has no test-time memory (no `memorize`)",
         "final_train_loss": losses,
-        "forgetting": {n: ce[-1][j] - ce[j + 1][j] for j, n in enumerate(names)},
+        "forgetting": forgetting(ce),
+        "forgetting_memorize": forgetting(ce_mem) if memorizes else None,
     }

@@ -15,6 +15,8 @@ weights writes the tokens into its memory) that returns the updated model and le
 original as it was. `continual` reports a second curve with it when the model has it.
 `FastStateLM` provides it for models that carry a fast state across calls (HOPE:
 `module.init_fast(B)` and `module(tokens, mask, fast=state) -> (logits, state')`).
+`load(path)` picks the adapter by the export's config.json: a HOPE export
+(`hope.save_pretrained`) -> `FastStateLM`, a Hugging Face GPT-2 -> `NNXLM`.
 
 `NNXLM` wraps any NNX module called as `module(tokens, attention_mask) -> logits [B, T, V]`
 (GPT-2 here; HOPE has the same signature): it is split once, placed on the mesh by its
@@ -106,14 +108,11 @@ class NNXLM:
     def module(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.params, copy=True)
 
-    def _scored_state(self):
-        return self.params
-
     def logprobs(self, tokens: np.ndarray, mask: np.ndarray) -> TokenScores:
         check_batch_size(len(tokens), self.mesh, "batch rows")
         batch = shard_batch({"tokens": np.asarray(tokens, np.int32), "mask": np.asarray(mask, np.int32)},
                             self.mesh)
-        logp, greedy = jax.device_get(self._score(self._scored_state(), batch))
+        logp, greedy = jax.device_get(self._score(self.params, batch))
         return TokenScores(np.asarray(logp), np.asarray(greedy))
 
 
@@ -152,38 +151,72 @@ def score_sequences(lm: LanguageModel, rows: Sequence[Sequence[int]], batch_size
 
 
 def _memorize(graphdef, params, fast, batch):
+    """The fast state after reading the batch, from `fast` or (None) the initial memory."""
     model = nnx.merge(graphdef, params, copy=True)
+    fast = model.init_fast(batch["tokens"].shape[0]) if fast is None else fast
     return model(batch["tokens"], batch["mask"], fast=fast)[1]
 
 
 class FastStateLM(NNXLM):
     """`NNXLM` plus `memorize` for a model whose fast-weight memory is carried across calls.
 
-    The fast state has one row per batch row (`batch_size` of them): row r is scored with what
-    row r has memorised. It starts as `module.init_fast(batch_size)`, the meta-learned
-    initial memory, recomputed from the weights whenever they change (`with_params`).
+    Until it memorises, it is scored from the meta-learned initial memory, which is what a
+    plain call does, so any batch size goes. `memorize(tokens)` gives batch row r the memory
+    of row r; the copy it returns then scores batches of that many rows, row r with what row
+    r has memorised. New weights (`with_params`) start from their own initial memory.
     """
 
-    def __init__(self, module: nnx.Module, *, batch_size: int, **kw):
+    def __init__(self, module: nnx.Module, **kw):
         super().__init__(module, **kw)
-        self.batch_size = batch_size
-        self.fast = module.init_fast(batch_size)
+        self.fast = None
         graphdef, shardings = self.graphdef, (self.shardings, replicated(self.mesh))
-        self._score = compile_eval(lambda s, b: _scores(graphdef, s[0], b, fast=s[1]), self.mesh, shardings)
+        self._score_fast = compile_eval(lambda s, b: _scores(graphdef, s[0], b, fast=s[1]), self.mesh,
+                                        shardings)
         self._write = compile_eval(lambda s, b: _memorize(graphdef, *s, b), self.mesh, shardings)
+        self._first_write = compile_eval(lambda p, b: _memorize(graphdef, p, None, b), self.mesh,
+                                         self.shardings)
+
+    @classmethod
+    def from_pretrained(cls, path, *, mesh=None) -> FastStateLM:
+        """A `hope.save_pretrained` directory (an sft_hope run's `hope/`)."""
+        from jaxrl.models import hope
+
+        return cls(hope.from_pretrained(path)[0], mesh=mesh)
 
     def with_params(self, params) -> FastStateLM:
         other = super().with_params(params)
-        other.fast = other.module().init_fast(self.batch_size)
+        other.fast = None
         return other
 
-    def _scored_state(self):
-        return self.params, self.fast
+    def logprobs(self, tokens: np.ndarray, mask: np.ndarray) -> TokenScores:
+        if self.fast is None:
+            return super().logprobs(tokens, mask)
+        rows = jax.tree.leaves(self.fast)[0].shape[0]
+        if len(tokens) != rows:
+            raise ValueError(f"this model memorised {rows} rows; score batches of {rows} rows "
+                             f"(got {len(tokens)}), or score the model before it memorised.")
+        batch = shard_batch({"tokens": np.asarray(tokens, np.int32), "mask": np.asarray(mask, np.int32)},
+                            self.mesh)
+        logp, greedy = jax.device_get(self._score_fast((self.params, self.fast), batch))
+        return TokenScores(np.asarray(logp), np.asarray(greedy))
 
     def memorize(self, tokens: np.ndarray, mask: np.ndarray) -> FastStateLM:
         """A copy whose memory has also read `tokens` (row by row); this model is unchanged."""
+        check_batch_size(len(tokens), self.mesh, "batch rows")
         batch = shard_batch({"tokens": np.asarray(tokens, np.int32), "mask": np.asarray(mask, np.int32)},
                             self.mesh)
         other = copy.copy(self)
-        other.fast = self._write((self.params, self.fast), batch)
+        if self.fast is None:
+            other.fast = self._first_write(self.params, batch)
+        else:
+            other.fast = self._write((self.params, self.fast), batch)
         return other
+
+
+def load(path, *, mesh=None) -> NNXLM:
+    """The `LanguageModel` of an export directory: HOPE (`hope/`) or Hugging Face GPT-2 (`hf/`)."""
+    from jaxrl.models import hope
+
+    if hope.is_pretrained(path):
+        return FastStateLM.from_pretrained(path, mesh=mesh)
+    return NNXLM.from_pretrained(path, mesh=mesh)

@@ -136,7 +136,12 @@ def table_rows(name: str, result: dict) -> list[str]:
         return [row(f"{kind} mean accuracy (lengths {result['lengths']})", v)
                 for kind, v in result["mean"].items()]
     if name == "continual":
-        return [row(f"CE {seg} after the last stage (forgetting {result['forgetting'][seg]:+.4f})",
+        rows = [row(f"CE {seg} after the last stage (forgetting {result['forgetting'][seg]:+.4f})",
                     result["ce"][-1][j])
                 for j, seg in enumerate(result["segments"])]
+        if result.get("ce_memorize") is not None:
+            rows += [row(f"CE {seg} after the last stage, memorising (forgetting "
+                         f"{result['forgetting_memorize'][seg]:+.4f})", result["ce_memorize"][-1][j])
+                     for j, seg in enumerate(result["segments"])]
+        return rows
     raise KeyError(name)

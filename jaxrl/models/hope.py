@@ -18,17 +18,20 @@ history carried across calls, see `titans`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 from typing import Literal
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jaxrl.core.config import ConfigError
+from jaxrl.core.config import ConfigError, build
 from jaxrl.models import gpt2
-from jaxrl.models.cms import CMS, CMSConfig, CMSState
+from jaxrl.models.cms import CMS, CMSConfig
 from jaxrl.models.titans import MemoryConfig, SelfModTitans, TitansMemory, Writes
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -168,6 +171,60 @@ class HOPE(nnx.Module):
 
 def parameter_count(model: nnx.Module) -> int:
     return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+MODEL_TYPE = "hope"  # config.json's model_type: what `eval_lm` dispatches on
+
+
+def save_pretrained(model: HOPE, path: str | Path, *, tokenizer: str = "gpt2") -> None:
+    """Write `model` to a directory: config.json (HopeConfig, tokenizer) + model.safetensors.
+
+    Tensors are named by their NNX path ("h.0.mixer.inp.kernel"), stored float32; HOPE has no
+    Hugging Face class, so this layout is ours. `from_pretrained` reads it back.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    tensors = {".".join(map(str, key)): np.ascontiguousarray(
+        np.asarray(jax.device_get(var.get_value()), np.float32)) for key, var in flat}
+    save_file(tensors, path / "model.safetensors")
+    config = {"model_type": MODEL_TYPE, "tokenizer": tokenizer,
+              "config": dataclasses.asdict(model.cfg)}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def is_pretrained(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+
+
+def from_pretrained(path: str | Path) -> tuple[HOPE, str]:
+    """(model, tokenizer spec) of a `save_pretrained` directory; every tensor must match."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    saved = json.loads((path / "config.json").read_text())
+    if saved.get("model_type") != MODEL_TYPE:
+        raise ConfigError(f"{path}: config.json says model_type={saved.get('model_type')!r}, "
+                          f"not {MODEL_TYPE!r}; is this a GPT-2 export (gpt2.from_pretrained)?")
+    cfg = build(HopeConfig, saved["config"], source=str(path / "config.json"))
+    model = nnx.eval_shape(lambda: HOPE(cfg, rngs=nnx.Rngs(0)))  # shapes only: no random init
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    tensors = load_file(path / "model.safetensors")
+    names = {".".join(map(str, key)) for key, _ in flat}
+    if missing := sorted(names - set(tensors)) + sorted(set(tensors) - names):
+        raise ConfigError(f"{path}: model.safetensors and config.json disagree on {missing[:3]} "
+                          f"({len(missing)} names); re-export the model with save_pretrained.")
+    for key, var in flat:
+        value = tensors[".".join(map(str, key))]
+        if value.shape != var.shape:
+            raise ConfigError(f"{path}: {'.'.join(map(str, key))} has shape {value.shape}, "
+                              f"config.json implies {var.shape}.")
+        var.set_value(jnp.asarray(value, var.get_value().dtype))  # the config's param_dtype
+    nnx.update(model, nnx.from_flat_state(flat))
+    return model, saved.get("tokenizer", "gpt2")
 
 
 def generate(model: HOPE, prompt, key, *, max_new_tokens: int, temperature: float = 1.0):

@@ -6,8 +6,12 @@ means every set in `zeroshot.sets`. Each evaluation writes `<eval>.json` and `<e
 the run dir, and `results.md` holds one table of all of them. Scoring rules: the module
 docstrings of `jaxrl.eval.zeroshot`, `perplexity`, `niah`, `continual`.
 
+`model` is an export directory: a Hugging Face GPT-2 (an sft run's `hf/`) or a HOPE
+(an sft_hope run's `hope/`, with test-time memorisation in `continual`), or a run dir that
+holds one of them.
+
   python -m jaxrl.launch configs/eval_lm.yaml model=runs/sft_gpt2_shakespeare/hf
-  python -m jaxrl.launch configs/eval_lm.yaml model=runs/x/hf tasks=piqa,lambada zeroshot.limit=100
+  python -m jaxrl.launch configs/eval_lm.yaml model=runs/hope_pilot tasks=piqa,lambada zeroshot.limit=100
   python -m jaxrl.launch configs/continual_corpora.yaml model=runs/x/hf
 """
 
@@ -130,9 +134,9 @@ class ContinualConfig:
 
 @dataclasses.dataclass
 class Config(RecipeConfig):
-    model: str = ""  # Hugging Face-layout GPT-2 directory (an SFT run's hf/)
+    model: str = ""  # export dir: HF GPT-2 (an sft run's hf/), HOPE (sft_hope's hope/), or a run dir
     tasks: str = "zeroshot,lambada,perplexity,niah"
-    tokenizer: str = "gpt2"  # or a trained tokenizer's path
+    tokenizer: str = ""  # "gpt2" or a trained tokenizer's path; empty: the export's (GPT-2: gpt2)
     data_dir: str = ""  # root of relative data paths; empty: $JAXRL_DATA_DIR or ../shared/data
     batch_size: int = 8  # rows per forward pass (divisible by mesh data*fsdp)
     zeroshot: ZeroShotConfig = dataclasses.field(default_factory=ZeroShotConfig)
@@ -143,8 +147,9 @@ class Config(RecipeConfig):
 
     def validate(self):
         if not self.model:
-            raise ConfigError("set model=<HF GPT-2 dir>, e.g. model=runs/sft_gpt2_shakespeare/hf "
-                              "(python -m jaxrl.launch configs/sft_gpt2_shakespeare.yaml makes one).")
+            raise ConfigError("set model=<export dir>, e.g. model=runs/sft_gpt2_shakespeare/hf "
+                              "(python -m jaxrl.launch configs/sft_gpt2_shakespeare.yaml makes one) "
+                              "or model=runs/hope_pilot/hope (configs/hope_pilot.yaml).")
         if "continual" in plan(self)[0] and not self.continual.segments:
             raise ConfigError("tasks has continual but continual.segments is empty; see "
                               "configs/continual_corpora.yaml.")
@@ -234,22 +239,36 @@ RUNNERS = {"zeroshot": _zeroshot, "lambada": _lambada, "perplexity": _perplexity
            "continual": _continual}
 
 
+def model_dir(model: str) -> Path:
+    """`model` itself if it holds an export, else the run dir's hf/ or hope/ export."""
+    path = Path(model)
+    for candidate in (path, path / "hf", path / "hope"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ConfigError(f"model={model!r}: no model there ({path / 'config.json'} is missing). Point it at "
+                      "an export: runs/<sft run>/hf (GPT-2) or runs/<sft_hope run>/hope (HOPE).")
+
+
 def run(cfg: Config) -> dict:
     from jaxrl.core.mesh import check_batch_size, make_mesh
     from jaxrl.data.tokenizer import Tokenizer
     from jaxrl.eval import lm_report
-    from jaxrl.eval.lm_model import NNXLM
+    from jaxrl.eval.lm_model import load
+    from jaxrl.models import hope
 
-    path = Path(cfg.model)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model={cfg.model!r}: no GPT-2 there ({path / 'config.json'} is missing). Point "
-                          "it at a Hugging Face-layout export such as runs/<sft run>/hf.")
+    path = model_dir(cfg.model)
     mesh = make_mesh(cfg.mesh)
     check_batch_size(cfg.batch_size, mesh, "batch_size")
     if "continual" in plan(cfg)[0]:
         check_batch_size(cfg.continual.batch_size, mesh, "continual.batch_size")
-    tokenizer = Tokenizer.from_spec(cfg.tokenizer)
-    lm = NNXLM.from_pretrained(path, mesh=mesh)
+    lm = load(path, mesh=mesh)
+    spec = cfg.tokenizer or (json.loads((path / "config.json").read_text()).get("tokenizer", "gpt2")
+                             if hope.is_pretrained(path) else "gpt2")
+    tokenizer = Tokenizer.from_spec(spec)
+    vocab = lm.module().cfg.vocab_size
+    if vocab != tokenizer.vocab_size:
+        raise ConfigError(f"model={str(path)!r} has {vocab} token ids but tokenizer {spec!r} has "
+                          f"{tokenizer.vocab_size}; set tokenizer= to the one the model was trained with.")
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     plots = {"zeroshot": lm_report.plot_zeroshot, "lambada": lm_report.plot_lambada,

@@ -4,14 +4,16 @@ The loss, train and eval steps, data, step compiler and loop are the SFT recipe'
 (`sft.lm_loss` through `sft.train_step` / `sft.eval_step`): HOPE takes GPT-2's call
 interface. Each example's fast memories start from their meta-learned initial state at every
 sequence and are written inside the forward pass, per example, also on a sharded mesh.
-Reports train and validation loss and the parameter count; no text samples and no Hugging Face
-export (HOPE has no HF layout).
+Reports train and validation loss and the parameter count, and writes the final model to
+`<run dir>/hope` (`hope.save_pretrained`: config.json + model.safetensors), which
+`configs/eval_lm.yaml model=<run dir>/hope` evaluates. No text samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -20,11 +22,11 @@ from flax import nnx
 from jaxrl.algorithms.optimizer import OptimizerConfig, make_optimizer
 from jaxrl.core.config import ConfigError, RecipeConfig
 from jaxrl.core.loop import train
-from jaxrl.core.mesh import check_batch_size, make_mesh
+from jaxrl.core.mesh import check_batch_size, make_mesh, replicate
 from jaxrl.core.step import compile_eval, compile_step, sharded_init
 from jaxrl.core.train_state import TrainState
 from jaxrl.data.lm import LMDataConfig, load_lm_data
-from jaxrl.models.hope import HOPE, HopeConfig, parameter_count
+from jaxrl.models.hope import HOPE, HopeConfig, parameter_count, save_pretrained
 from jaxrl.recipes import sft
 
 # Refused with several processes (checked by `jaxrl.launch` before any device work).
@@ -70,12 +72,17 @@ def run(cfg: Config) -> dict:
     result = train(cfg, state=init, step_fn=step_fn, key=jax.random.key(cfg.run.seed),
                    batches=data.train_iterator(), eval_fn=eval_fn, mesh=mesh,
                    tokens_per_step=cfg.data.batch_size * cfg.data.seq_len)
+    model_dir = Path(cfg.run.dir) / "hope"
+    final = replicate(result.state.replace(opt_state=None), mesh)  # collective: all processes
+    if jax.process_index() == 0:
+        save_pretrained(final.model(), model_dir, tokenizer=tokenizer.name)
     summary = {
         "steps": result.step,
         "parameters": n_params,
         "train_loss": result.last_metrics.get("loss"),
         **result.eval_metrics,
         "seconds": round(time.perf_counter() - start, 1),
+        "model_dir": str(model_dir),
     }
     if jax.process_index() == 0:
         print("\n" + "\n".join(f"  {k:<12} {v}" for k, v in summary.items()), flush=True)
