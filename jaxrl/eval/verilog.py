@@ -91,6 +91,7 @@ class RTLResult:
     reason: str
     seconds: float = 0.0
     cached: bool = False
+    log: str = ""  # the compiler's errors or the failing tests' simulator log (tail), as feedback
 
     @property
     def tests_fraction(self) -> float:
@@ -177,10 +178,13 @@ def _problem_from_row(row: dict) -> RTLProblem | None:
     )
 
 
-def load_cvdp(paths: Sequence[str | os.PathLike]) -> list[RTLProblem]:
+def load_cvdp(paths: Sequence[str | os.PathLike], *, errors: list[str] | None = None,
+              ) -> list[RTLProblem]:
     """Problems from CVDP JSONL files or directories of them; rows without a harness are skipped.
 
     Where the same id appears with and without solutions, the row carrying the reference wins.
+    A malformed row raises ValueError naming file:line, or, given an `errors` list, is
+    described there and skipped (so one bad row does not stop a run over the rest).
     """
     files: list[Path] = []
     for path in map(Path, paths):
@@ -192,10 +196,19 @@ def load_cvdp(paths: Sequence[str | os.PathLike]) -> list[RTLProblem]:
             raise FileNotFoundError(f"{path} not found: pass CVDP .jsonl files or a directory holding them")
     problems: dict[str, RTLProblem] = {}
     for file in files:
-        for line in file.read_text().splitlines():
+        for number, line in enumerate(file.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            problem = _problem_from_row(json.loads(line))
+            try:
+                problem = _problem_from_row(json.loads(line))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                why = f"{type(e).__name__}: {e}" if not isinstance(e, KeyError) else f"missing key {e}"
+                message = (f"{file}:{number}: malformed CVDP row ({why}); a code-generation row needs "
+                           "id, input.prompt (or prompt), output.context (or patch) and harness")
+                if errors is None:
+                    raise ValueError(message) from e
+                errors.append(message)
+                continue
             if problem and (problem.id not in problems or problem.reference is not None):
                 problems[problem.id] = problem
     return list(problems.values())
@@ -320,7 +333,7 @@ class VerilogGrader:
         if not syntax["ok"]:
             return RTLResult(
                 problem.id, self._reward(False, 0.0), True, False, 0, 0,
-                "syntax: " + syntax["log"].strip()[-500:], run.wall_seconds,
+                "syntax: " + syntax["log"].strip()[-500:], run.wall_seconds, log=syntax["log"].strip(),
             )
         if tests is None:
             reason = f"tests: simulation did not finish ({run.failure or 'no result'})"
@@ -334,7 +347,8 @@ class VerilogGrader:
             reason = f"tests: {failed}/{n} {unit} failed"
         else:
             reason = "passed"
-        return RTLResult(problem.id, self._reward(True, fraction), True, True, n, failed, reason, run.wall_seconds)
+        return RTLResult(problem.id, self._reward(True, fraction), True, True, n, failed, reason,
+                         run.wall_seconds, log=tests.get("log", "") if failed or not n else "")
 
 
 def _write(path: Path, text: str) -> None:

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -31,7 +32,8 @@ from jaxrl.core.step import compile_step, sharded_init
 from jaxrl.data.sources import load_prompts, resolve_path
 from jaxrl.data.tokenizer import Tokenizer
 from jaxrl.envs.text import LengthPenaltyConfig, SentimentReward, TextEnv
-from jaxrl.envs.text.collector import CollapseGuard, GuardConfig, RolloutConfig, make_train_step
+from jaxrl.envs.text.collector import (CollapseGuard, GuardConfig, RolloutCollector, RolloutConfig,
+                                      make_train_step)
 from jaxrl.models import gpt2
 
 SFT_COMMAND = "python -m jaxrl.launch configs/sft_gpt2_shakespeare.yaml"
@@ -87,12 +89,12 @@ class Config(RecipeConfig):
                                      temperature=self.rollout.sampling.temperature)
 
 
-def load_policy(init_from: str) -> gpt2.GPT2:
+def load_policy(init_from: str, sft_command: str = SFT_COMMAND) -> gpt2.GPT2:
     path = Path(init_from)
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"init_from={init_from!r}: no GPT-2 checkpoint there ({path / 'config.json'} is "
-            f"missing). Train one with `{SFT_COMMAND}` (it writes runs/sft_gpt2_shakespeare/hf), "
+            f"missing). Train one with `{sft_command}` (it writes <run dir>/hf), "
             "or set init_from=<a Hugging Face GPT-2 directory>.")
     return gpt2.from_pretrained(path)
 
@@ -115,36 +117,62 @@ def run(cfg: Config) -> dict:
                   max_prompt_tokens=cfg.prompt_width, seed=cfg.run.seed)
     eval_env = TextEnv(prompts[-cfg.prompts.eval_prompts:], tokenizer, reward,
                        max_prompt_tokens=cfg.prompt_width, seed=cfg.run.seed)
-
     mesh = make_mesh(cfg.mesh)
-    check_batch_size(cfg.rollout.batch_size, mesh, "rollout.prompts_per_step*group_size")
     check_batch_size(cfg.prompts.eval_prompts, mesh, "prompts.eval_prompts")
+    return train_policy(cfg, model, env, eval_env, mesh=mesh, eval_size=cfg.prompts.eval_prompts,
+                        update=functools.partial(update, cfg=cfg.reinforce))
+
+
+def train_policy(cfg, model: gpt2.GPT2, env: TextEnv, eval_env: TextEnv, *, mesh, eval_size: int,
+                 update: Callable, reference: gpt2.GPT2 | None = None,
+                 make_collector: Callable = RolloutCollector) -> dict:
+    """The LM-RL run every text-env recipe shares: sample, score, update; evaluate and save.
+
+    `cfg` carries `run`, `loop`, `rollout`, `guard`, `optimizer` and `samples_per_eval`;
+    `update(state, rollout, key)` is a pure update (policy gradient, distillation) compiled
+    here. `reference` scores `Rollout.ref_logprobs` (default: the frozen starting policy; a
+    distillation teacher). `make_collector(env, graphdef, rollout_cfg, **kw)` builds the
+    collectors (the multi-turn RTL one, say). Each evaluation collects `eval_size`
+    completions of `eval_env` with the same key, logs every reward component and the KL to
+    the reference, and appends a few samples to `<run dir>/samples.jsonl` (step 0 = before
+    training).
+    """
+    check_batch_size(cfg.rollout.batch_size, mesh, "rollout.prompts_per_step*group_size")
     graphdef, weights = nnx.split(model)
     tx = make_optimizer(cfg.optimizer)
     init = sharded_init(lambda w: init_state(nnx.merge(graphdef, w), tx), mesh, weights)
-    ref_params = shard_state(nnx.state(model, nnx.Param), mesh)  # frozen
-    update_fn = compile_step(functools.partial(update, cfg=cfg.reinforce), mesh, init.shardings)
+    reference = reference or model
+    ref_graphdef = nnx.graphdef(reference)
+    ref_params = shard_state(nnx.state(reference, nnx.Param), mesh)  # frozen
+    update_fn = compile_step(update, mesh, init.shardings)
+    place = lambda ndim: batch_sharding(mesh, ndim)  # noqa: E731
+    collector = make_collector(env, init.abstract.graphdef, cfg.rollout,
+                               n_positions=model.cfg.n_positions, ref_params=ref_params,
+                               batch_sharding=place, ref_graphdef=ref_graphdef)
     step_fn, collector = make_train_step(
         env, init.abstract.graphdef, cfg.rollout, n_positions=model.cfg.n_positions,
-        ref_params=ref_params, update_fn=update_fn,
-        batch_sharding=lambda ndim: batch_sharding(mesh, ndim), guard=CollapseGuard(cfg.guard))
+        ref_params=ref_params, update_fn=update_fn, batch_sharding=place,
+        guard=CollapseGuard(cfg.guard), collector=collector)
+    eval_rollout = dataclasses.replace(cfg.rollout, prompts_per_step=eval_size, group_size=1)
+    evaluator = make_collector(eval_env, init.abstract.graphdef, eval_rollout,
+                               n_positions=model.cfg.n_positions, ref_params=ref_params,
+                               batch_sharding=place, ref_graphdef=ref_graphdef)
     run_dir = Path(cfg.run.dir)
     eval_key = jax.random.key(cfg.run.seed + 1)  # the same key every eval: comparable samples
 
     def eval_fn(state, step: int) -> dict:
-        batch = eval_env.prompt_batch(0, cfg.prompts.eval_prompts)
-        generation = collector.sample(state.params, batch.tokens, batch.mask, eval_key)
-        rewards, samples = collector.score(batch.texts, generation)
-        lengths = np.asarray(jax.device_get(generation.response_mask)).sum(-1)
-        metrics = {f"eval/{k}": float(v.mean()) for k, v in rewards.items()}
-        metrics["eval/response_length"] = float(lengths.mean())
+        rollout = jax.device_get(evaluator.collect(state.params, 0, eval_key))
+        response = rollout.response_mask
+        metrics = {f"eval/{k}": float(v.mean()) for k, v in rollout.rewards.items()}
+        metrics["eval/response_length"] = float(response.sum(-1).mean())
+        metrics["eval/kl"] = float(((rollout.logprobs - rollout.ref_logprobs) * response).sum(-1).mean())
         if jax.process_index() == 0:
-            rows = samples.rows(cfg.samples_per_eval)
+            rows = evaluator.last_samples.rows(cfg.samples_per_eval)
             with (run_dir / "samples.jsonl").open("a") as f:
                 f.write(json.dumps({"step": step, **metrics, "samples": rows}) + "\n")
             print(f"\n[step {step}] " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
             for row in rows[:2]:
-                print(f"  {row['prompt']!r} -> {row['completion'][:160]!r}", flush=True)
+                print(f"  {row['prompt'][-80:]!r} -> {row['completion'][:160]!r}", flush=True)
         return metrics
 
     existing = Checkpointer(checkpoint_dir(cfg))
@@ -160,8 +188,8 @@ def run(cfg: Config) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         **{f"initial_{k}": v for k, v in initial.items()},
         **result.eval_metrics,
-        **{f"train/{k}": result.last_metrics[k] for k in ("reward", "reward/sentiment", "kl", "entropy")
-           if k in result.last_metrics},
+        **{f"train/{k}": v for k, v in result.last_metrics.items()
+           if k.startswith("reward") or k in ("kl", "entropy")},
     }
     final = replicate(result.state.replace(opt_state=None), mesh)
     if jax.process_index() == 0:

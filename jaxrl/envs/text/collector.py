@@ -84,7 +84,8 @@ class RolloutCollector:
     """Samples and scores completions of the env's prompts with given params (host-driven)."""
 
     def __init__(self, env: TextEnv, graphdef: nnx.GraphDef, cfg: RolloutConfig, *,
-                 n_positions: int, ref_params: nnx.State | None, batch_sharding=None):
+                 n_positions: int, ref_params: nnx.State | None, batch_sharding=None,
+                 ref_graphdef: nnx.GraphDef | None = None):
         check_positions(n_positions, env.max_prompt_tokens + cfg.max_new_tokens,
                         f"the env's max_prompt_tokens ({env.max_prompt_tokens}) + "
                         f"rollout.max_new_tokens ({cfg.max_new_tokens})")
@@ -92,6 +93,8 @@ class RolloutCollector:
         self.graphdef = graphdef
         self.cfg = cfg
         self.ref_params = ref_params
+        # Another architecture may score the reference (a distillation teacher); default: ours.
+        self.ref_graphdef = ref_graphdef or graphdef
         self.batch_sharding = batch_sharding
         # The reference is tempered like the policy but not top-k / top-p filtered: a token
         # outside its own kept set would make the KL to it infinite.
@@ -128,7 +131,7 @@ class RolloutCollector:
         # the host decodes and scores text. No reference: KL is measured to the sampler.
         ref = generation.logprobs
         if self.ref_params is not None:
-            ref = self._ref_logprobs(self.graphdef, self.ref_params, generation.tokens,
+            ref = self._ref_logprobs(self.ref_graphdef, self.ref_params, generation.tokens,
                                      generation.mask)
         rewards, self.last_samples = self.score(texts, generation)
         return Rollout(tokens=generation.tokens, mask=generation.mask,
@@ -200,8 +203,9 @@ class _StepClock:
 
 def make_train_step(env: TextEnv, graphdef: nnx.GraphDef, cfg: RolloutConfig, *,
                     n_positions: int, ref_params: nnx.State | None, update_fn: Callable,
-                    batch_sharding=None,
-                    guard: CollapseGuard | None = None) -> tuple[Callable, RolloutCollector]:
+                    batch_sharding=None, guard: CollapseGuard | None = None,
+                    ref_graphdef: nnx.GraphDef | None = None,
+                    collector: RolloutCollector | None = None) -> tuple[Callable, RolloutCollector]:
     """`step(state, None, key) -> (state, metrics)` for the core loop, and its collector.
 
     The step samples with `state.params` on the prompts of batch number `state.step`, scores on
@@ -209,10 +213,12 @@ def make_train_step(env: TextEnv, graphdef: nnx.GraphDef, cfg: RolloutConfig, *,
     `jaxrl.core.step.compile_step` (state-donating, sharded). `batch_sharding(ndim)` places
     rollout arrays on the mesh (None: one device). The guard reads the previous step's
     metrics once this step's rollout is scored: by then they are computed, so reading them
-    costs no wait.
+    costs no wait. `ref_graphdef`: the reference's architecture when it is not the policy's;
+    `collector`: a ready one (e.g. the RTL env's multi-turn collector) instead of a new one.
     """
-    collector = RolloutCollector(env, graphdef, cfg, n_positions=n_positions,
-                                 ref_params=ref_params, batch_sharding=batch_sharding)
+    collector = collector or RolloutCollector(env, graphdef, cfg, n_positions=n_positions,
+                                              ref_params=ref_params, batch_sharding=batch_sharding,
+                                              ref_graphdef=ref_graphdef)
     guard = guard or CollapseGuard(GuardConfig())
     clock = _StepClock()
 

@@ -1,12 +1,15 @@
 """Writes jaxrl's own small RTL problems (CVDP format) and the Verilog SFT corpus.
 
-    python -m jaxrl.envs.text.rtl_problems.build
+    python -m jaxrl.envs.text.rtl_problems.build [--check]
 
 Each problem is a spec (prompt, reference, a Python model of the design); the cocotb harness is
 rendered from the model: combinational designs are checked on corner, walking-one and random
 inputs, sequential ones on reset, a directed scenario and random stimulus, one cocotb test each
 (so the grader's tests stage gives partial credit). Families (widths, patterns, depths of one
-design) put variants in both splits: `splits.json` holds one variant of each family out.
+design) put variants in both splits: `splits.yaml` holds one variant of each family out.
+`sft_corpus.jsonl` is the starting policy's SFT data: the training split's prompts with their
+references, and more variants of each family (`CORPUS_EXTRA`). `--check` grades every
+reference (all must pass) and every sibling variant's design under each harness (none may).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import json
 import textwrap
 from pathlib import Path
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
 PROBLEMS_FILE = HERE / "jaxrl_rtl_v2.jsonl"
-SPLITS_FILE = HERE / "splits.json"
+SPLITS_FILE = HERE / "splits.yaml"
 CORPUS_FILE = HERE / "sft_corpus.jsonl"
 
 COMB_HARNESS = '''\
@@ -31,6 +36,13 @@ INPUTS = {inputs}
 {model}
 
 
+def check_ports(dut):
+    for name, width in INPUTS.items():
+        value = getattr(dut, name).value
+        got = len(value) if hasattr(value, "__len__") else 1
+        assert got == width, f"input {{name}} is {{got}} bits wide, expected {{width}}"
+
+
 async def check(dut, vec):
     for name, value in vec.items():
         getattr(dut, name).value = value
@@ -42,12 +54,14 @@ async def check(dut, vec):
 
 @cocotb.test()
 async def test_corners(dut):
+    check_ports(dut)
     for fill in (0, 1):
         await check(dut, {{n: ((1 << w) - 1) * fill for n, w in INPUTS.items()}})
 
 
 @cocotb.test()
 async def test_walking_ones(dut):
+    check_ports(dut)
     for name, width in INPUTS.items():
         for bit in range(width):
             await check(dut, {{n: (1 << bit if n == name else 0) for n in INPUTS}})
@@ -55,6 +69,7 @@ async def test_walking_ones(dut):
 
 @cocotb.test()
 async def test_random(dut):
+    check_ports(dut)
     rng = random.Random(7)
     for _ in range(150):
         await check(dut, {{n: rng.getrandbits(w) for n, w in INPUTS.items()}})
@@ -73,7 +88,15 @@ DIRECTED = {directed}
 {model}
 
 
+def check_ports(dut):
+    for name, width in INPUTS.items():
+        value = getattr(dut, name).value
+        got = len(value) if hasattr(value, "__len__") else 1
+        assert got == width, f"input {{name}} is {{got}} bits wide, expected {{width}}"
+
+
 async def start(dut):
+    check_ports(dut)
     cocotb.start_soon(Clock(dut.clk, 10, unit="ns").start())
     for name in INPUTS:
         getattr(dut, name).value = 0
@@ -444,7 +467,7 @@ def down_counter(w, pid):
                    else if (load) count <= d;
                    else count <= count - 1'b1;
                endmodule"""),
-               [{"load": 1, "d": 5}] + [{"load": 0, "d": 0}] * 8)
+               [{"load": 1, "d": 5 % (1 << w)}] + [{"load": 0, "d": 0}] * 8)
 
 
 def mod_counter(n, pid):
@@ -799,6 +822,26 @@ EVAL_IDS = ["0003", "0005", "0007", "0009", "0012", "0014", "0018", "0020", "002
             "0049", "0051", "0054", "0058", "0061", "0064", "0066"]
 
 
+# More variants of the same families, for the SFT corpus only (never a problem's exact design).
+CORPUS_EXTRA = [
+    *[mux2(w, "x") for w in (2, 3, 5, 6, 12)], *[mux4(w, "x") for w in (2, 3, 6)],
+    decoder(1, "x"), decoder(4, "x"), *[prio_enc(w, "x") for w in (2, 3, 6, 16)],
+    *[popcount(w, "x") for w in (2, 3, 6, 7)], *[parity(w, "x") for w in (2, 3, 6, 16)],
+    *[bin2gray(w, "x") for w in (3, 5, 6)], *[gray2bin(w, "x") for w in (3, 5, 6)],
+    *[compare(w, "x") for w in (2, 3, 6, 16)], *[adder(w, "x") for w in (2, 3, 6, 12)],
+    *[subtractor(w, "x") for w in (2, 3, 6, 16)], *[alu(w, "x") for w in (2, 3, 6)],
+    *[sat_add(w, "x") for w in (3, 5, 6)], *[absval(w, "x") for w in (3, 5, 6)],
+    *[multiplier(w, "x") for w in (2, 5)], *[maxval(w, "x") for w in (2, 3, 6, 16)],
+    *[up_counter(w, "x") for w in (2, 5, 8)], *[down_counter(w, "x") for w in (2, 5, 6)],
+    *[mod_counter(n, "x") for n in (3, 4, 7, 12)], *[updown_counter(w, "x") for w in (2, 5, 6)],
+    *[tick(n, "x") for n in (2, 4, 6)], *[shift_reg(w, "x") for w in (2, 3, 6)],
+    lfsr(3, (2, 1), "x"), lfsr(6, (5, 4), "x"), lfsr(7, (6, 5), "x"),
+    *[seq_detector(p, "x") for p in ("011", "100", "010", "1101", "0110")],
+    *[onehot_ring(n, "x") for n in (2, 5, 6)], fifo(8, 8, "x"), fifo(2, 8, "x"), fifo(8, 4, "x"),
+    stack(4, 4, "x"), stack(8, 8, "x"),
+]
+
+
 def row(spec: dict) -> dict:
     name = spec["name"]
     target = f"rtl/{name}.sv"
@@ -819,16 +862,63 @@ def row(spec: dict) -> dict:
     }
 
 
+def corpus(rows: list[dict], eval_ids: list[str]) -> list[str]:
+    """SFT documents, prompt and answer in the env's template: the training split's references
+    and the extra variants (none shares a module name with an eval problem)."""
+    from jaxrl.envs.text.rtl import render_answer, render_prompt
+    from jaxrl.eval.verilog import _problem_from_row
+
+    held_out = {next(iter(r["output"]["context"])) for r in rows if r["id"] in eval_ids}
+    docs = []
+    for r in [*[r for r in rows if r["id"] not in eval_ids], *map(row, CORPUS_EXTRA)]:
+        problem = _problem_from_row(r)
+        if problem.target in held_out:
+            continue
+        docs.append(render_prompt(problem) + render_answer(problem.reference))
+    return docs
+
+
+def check(rows: list[dict]) -> None:
+    """Every reference (corpus extras too) passes its harness; no sibling variant's does."""
+    from jaxrl.eval.sandbox import Sandbox
+    from jaxrl.eval.verilog import VerilogGrader, _problem_from_row
+
+    problems = [_problem_from_row(r) for r in rows]
+    extra = [_problem_from_row(row(s)) for s in CORPUS_EXTRA]
+    grader = VerilogGrader(Sandbox("bwrap"))
+    results = grader.grade_many(problems + extra, [p.reference for p in problems + extra], raw_code=True)
+    bad = [f"{p.id} ({p.target}): {r.reason}" for p, r in zip(problems + extra, results) if not r.passed]
+    siblings = [(p, q) for p in problems for q in problems
+                if p.id != q.id and p.categories[-1] == q.categories[-1]
+                and p.env["TOPLEVEL"] != q.env["TOPLEVEL"]]
+    # A sibling's reference, renamed to this module: the harness must tell the designs apart.
+    renamed = [q.reference.replace(q.env["TOPLEVEL"], p.env["TOPLEVEL"]) for p, q in siblings]
+    cross = grader.grade_many([p for p, _ in siblings], renamed, raw_code=True)
+    bad += [f"{p.id}: passes with {q.id}'s design" for (p, q), r in zip(siblings, cross) if r.passed]
+    grader.close()
+    print(f"{sum(r.passed for r in results)}/{len(results)} references pass; "
+          f"{len(siblings)} sibling designs tried")
+    if bad:
+        raise SystemExit("\n".join(bad))
+
+
 def main():
+    import sys
+
     rows = [row(s) for s in SPECS]
     ids = [r["id"] for r in rows]
     assert len(set(ids)) == len(ids), "duplicate problem ids"
     by_number = {r["id"].rsplit("_", 1)[1]: r["id"] for r in rows}
     eval_ids = [by_number[n] for n in EVAL_IDS]
     PROBLEMS_FILE.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    SPLITS_FILE.write_text(json.dumps(
-        {"train": [i for i in ids if i not in eval_ids], "eval": eval_ids}, indent=1) + "\n")
-    print(f"wrote {len(rows)} problems ({len(eval_ids)} eval) to {PROBLEMS_FILE}")
+    SPLITS_FILE.write_text("# Written by build.py: the held-out variant of each family is in eval.\n" + yaml.safe_dump(
+        {"train": [i for i in ids if i not in eval_ids], "eval": eval_ids}, sort_keys=False))
+    docs = corpus(rows, eval_ids)
+    CORPUS_FILE.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    print(f"wrote {len(rows)} problems ({len(eval_ids)} eval) to {PROBLEMS_FILE}, "
+          f"{len(docs)} SFT documents to {CORPUS_FILE}")
+    if "--check" in sys.argv:
+        check(rows)
 
 
 if __name__ == "__main__":
