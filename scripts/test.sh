@@ -21,4 +21,6 @@ fi
 .venv/bin/pip install -q --upgrade pip
 # torch is pinned in the extra to the CPU wheel; never let pip pick a CUDA build.
 .venv/bin/pip install -q -e ".[test,torch,rtl,classeval,view]"
-exec .venv/bin/python -m pytest "$@"
+# Two workers, one test file each at a time: tracing and compiling are single-threaded, so one
+# pytest process leaves a core idle much of the time. `-n 0` runs in one process.
+exec .venv/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder "$@"

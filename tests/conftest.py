@@ -68,3 +68,15 @@ def run_launch(*args, cwd=None, timeout=600, env=None):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "jaxrl.launch", *map(str, args)], cwd=cwd or REPO,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# scripts/test.sh runs the suite on 2 pytest-xdist workers, one file per worker at a time
+# (`--dist loadfile`, so module fixtures compile once). Files in this order go first, the
+# longest ahead, so neither worker is left with one long file at the end.
+LONGEST_FIRST = ["test_multihost.py", "test_ppo.py", "test_hope.py", "test_prospector.py",
+                 "test_packaging.py", "test_gpt2.py", "test_reinforce.py", "test_corpus.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -1,7 +1,8 @@
 """The shared train loop: NaN guard, crash-safe checkpoints, SIGTERM on a checkpoint step.
 
-Exact resume after SIGTERM is tested on two processes with real SFT and data in
-tests/test_multihost.py, and in-process (SIGHUP, same handler) in tests/test_platform.py."""
+Resume after SIGTERM is tested on two processes with real SFT and data (equal to an
+uninterrupted run) in tests/test_multihost.py, and bitwise in-process (SIGHUP, same handler)
+in tests/test_platform.py."""
 
 import os
 import signal
