@@ -116,6 +116,14 @@ def check_processes(module, cfg) -> None:
                           f"{jax.process_count()}: {reason}.")
 
 
+def check_seeds(module, cfg) -> None:
+    """`run.seeds > 1` only where the recipe trains seeds side by side (`MULTI_SEED = True`)."""
+    if cfg.run.seeds > 1 and not getattr(module, "MULTI_SEED", False):
+        runners = [n for n in recipe_names() if getattr(load_recipe(n, "seeds"), "MULTI_SEED", False)]
+        raise ConfigError(f"run.seeds={cfg.run.seeds}: recipe {cfg.recipe!r} trains one seed; "
+                          f"set run.seeds=1 and vary run.seed, or use {', '.join(runners)}.")
+
+
 def usage() -> str:
     lines = [__doc__.strip(), "", "Recipes:"]
     for name in recipe_names():
@@ -162,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
         mesh_shape(cfg.mesh, jax.device_count())
         check_processes(module, cfg)
+        check_seeds(module, cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

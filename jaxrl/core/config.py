@@ -37,6 +37,9 @@ class RunConfig:
     # processes it must be one directory every process sees (checked at start-up).
     checkpoint_dir: str = ""
     seed: int = 0
+    # Recipes that declare MULTI_SEED (ppo) train this many seeds at once, vmapped in one step;
+    # each seed's curves are logged as seed<i>/<metric> beside their mean.
+    seeds: int = 1
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     wandb_project: str = "jaxrl"
     # After SIGTERM/SIGHUP, a process that reaches no step boundary in this long (stuck in a
@@ -44,6 +47,8 @@ class RunConfig:
     preemption_grace_s: float = 120.0
 
     def validate(self):
+        if self.seeds < 1:
+            raise ConfigError(f"run.seeds must be >= 1, got {self.seeds}.")
         if self.preemption_grace_s <= 0:
             raise ConfigError(f"run.preemption_grace_s must be > 0, got {self.preemption_grace_s}.")
 

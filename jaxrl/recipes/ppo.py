@@ -7,6 +7,10 @@ other action space is a ConfigError when the env is built.
 Evaluation plays `eval.episodes` seeded episodes; on Prospector the three baseline bots play
 the very same episodes (same belts, same random draws), and the run ends with a table of
 PPO against them.
+
+`run.seeds=N` trains N seeds side by side: the state gains a leading seed axis, one compiled
+step updates them all (`vmap`), each seed's curves are logged as `seed<i>/<metric>` beside
+their mean, and the table gets a row per seed.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Literal
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxrl import envs
 from jaxrl.algorithms.ppo import PPO, PPOConfig, evaluate
@@ -26,6 +32,8 @@ from jaxrl.core.loop import train
 from jaxrl.core.mesh import check_batch_size, make_mesh, replicated
 from jaxrl.core.step import compile_step, sharded_init
 from jaxrl.models.policy import ACTIVATIONS, ActorCritic
+
+MULTI_SEED = True
 
 
 @dataclasses.dataclass
@@ -102,9 +110,9 @@ def make_ppo(cfg: Config) -> PPO:
     return PPO(env, env_params, make_model, cfg.ppo, num_updates=cfg.loop.steps)
 
 
-def make_evaluator(ppo: PPO, cfg: EvalConfig, mesh):
-    """Jitted `state -> returns[episodes]` on the fixed evaluation episodes (the state's
-    params, and its observation statistics when observations are normalised)."""
+def make_evaluator(ppo: PPO, cfg: EvalConfig, mesh, seeds: int = 1):
+    """Jitted `state -> returns[episodes]` (`[seeds, episodes]` for a multi-seed state) on the
+    fixed evaluation episodes, from the state's params and observation statistics."""
     reset_keys = jax.random.split(jax.random.PRNGKey(cfg.seed), cfg.episodes)
     max_steps = time_limit(ppo.env_params)
 
@@ -114,8 +122,29 @@ def make_evaluator(ppo: PPO, cfg: EvalConfig, mesh):
         return evaluate(ppo.env, ppo.env_params, act, reset_keys,
                         jax.random.PRNGKey(cfg.seed + 1), max_steps=max_steps)
 
+    if seeds > 1:
+        returns = jax.vmap(returns)
     returns = jax.jit(returns, out_shardings=replicated(mesh))  # every process reads them
     return lambda state: np.asarray(returns(state.params, state.obs_stats))
+
+
+def seed_axis(ppo: PPO, seeds: int):
+    """init and update over a leading seed axis, and the state's shardings with it (seeds
+    unsplit; each seed's envs split over the batch axes as in a one-seed run)."""
+    def init(key):
+        return jax.vmap(ppo.init)(jax.random.split(key, seeds))
+
+    def update(state, key):
+        state, metrics = jax.vmap(ppo.update)(state, jax.random.split(key, seeds))
+        curves = {k: v.mean() for k, v in metrics.items()}
+        curves.update({f"seed{i}/{k}": v[i] for i in range(seeds) for k, v in metrics.items()})
+        return state, curves
+
+    def shardings(state, mesh):
+        one = ppo.state_shardings(state, mesh)  # reads the tree structure only
+        return jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)), one)
+
+    return init, update, shardings
 
 
 def baseline_returns(ppo: PPO, cfg: EvalConfig) -> dict[str, np.ndarray]:
@@ -132,53 +161,65 @@ def run(cfg: Config) -> dict:
     ppo = make_ppo(cfg)
     mesh = make_mesh(cfg.mesh)
     check_batch_size(cfg.ppo.num_envs, mesh, "ppo.num_envs")
+    seeds = cfg.run.seeds
     init_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.run.seed))
-    init = sharded_init(lambda: ppo.init(init_key), mesh, shardings=ppo.state_shardings)
-    update = compile_step(lambda state, batch, key: ppo.update(state, key), mesh,
+    init_fn, update_fn, shardings = ppo.init, ppo.update, ppo.state_shardings
+    if seeds > 1:
+        init_fn, update_fn, shardings = seed_axis(ppo, seeds)
+    init = sharded_init(lambda: init_fn(init_key), mesh, shardings=shardings)
+    update = compile_step(lambda state, batch, key: update_fn(state, key), mesh,
                           init.shardings, batch_shardings=None)
-    policy_returns = make_evaluator(ppo, cfg.eval, mesh)
+    policy_returns = make_evaluator(ppo, cfg.eval, mesh, seeds)
 
     def eval_fn(state, step):
         returns = policy_returns(state)
-        return {"eval_return_mean": float(returns.mean()),
-                "eval_return_median": float(np.median(returns))}
+        means = {"eval_return_mean": float(returns.mean()),
+                 "eval_return_median": float(np.median(returns))}
+        if seeds > 1:
+            means.update({f"seed{i}/eval_return_mean": float(r.mean()) for i, r in enumerate(returns)})
+        return means
 
     impl = getattr(ppo.env, "impl", "jax")
     if jax.process_index() == 0:
         print(f"[ppo] env {cfg.env.name} ({impl} core), {cfg.loop.steps} updates x "
-              f"{ppo.env_steps_per_update} env steps, {mesh.devices.size} devices in "
+              f"{ppo.env_steps_per_update} env steps"
+              f"{f' x {seeds} seeds' if seeds > 1 else ''}, {mesh.devices.size} devices in "
               f"{jax.process_count()} process(es)", flush=True)
     start = time.perf_counter()
     result = train(cfg, state=init, step_fn=update, key=train_key, eval_fn=eval_fn)
     seconds = time.perf_counter() - start
     stepping = seconds - sum(result.timers.values())
 
-    table = {"ppo": policy_returns(result.state)}
+    returns = policy_returns(result.state)
+    table = {"ppo": returns.reshape(-1)}  # every seed's episodes pooled
+    if seeds > 1:
+        table.update({f"ppo seed{i}": r for i, r in enumerate(returns)})
     if cfg.eval.baselines and cfg.env.name.lower() == "prospector":
         table.update(baseline_returns(ppo, cfg.eval))
-    env_steps = result.step * ppo.env_steps_per_update
+    per_update = ppo.env_steps_per_update * seeds
+    env_steps = result.step * per_update
     summary = {
         "env": cfg.env.name,
         "env_impl": impl,
         "updates": result.step,
         "env_steps": env_steps,
         "train_seconds": round(seconds, 1),  # this invocation, incl. compile and evaluations
+        **({"seeds": seeds} if seeds > 1 else {}),
         **({"compile_seconds": round(result.timers["compile_s"], 1),
             # stepping only: no compile, evaluation or checkpoint time
-            "env_steps_per_sec": round(result.trained_steps * ppo.env_steps_per_update
-                                       / max(stepping, 1e-9))} if result.trained_steps else {}),
+            "env_steps_per_sec": round(result.trained_steps * per_update / max(stepping, 1e-9))} if result.trained_steps else {}),
         "eval_policy": "greedy" if cfg.eval.greedy else "sampled",
         "eval_episodes": cfg.eval.episodes,
         "returns": {name: _stats(r) for name, r in table.items()},
     }
-    if len(table) > 1:
-        best_bot = max((n for n in table if n not in ("ppo", "random")),
-                       key=lambda n: table[n].mean())
+    bots = [n for n in table if not n.startswith("ppo")]
+    if bots:
+        best_bot = max((n for n in bots if n != "random"), key=lambda n: table[n].mean())
         summary["ppo_minus_best_bot"] = round(float(table["ppo"].mean() - table[best_bot].mean()), 2)
-        summary["ppo_beats_all_bots"] = all(
-            table["ppo"].mean() > r.mean() for n, r in table.items() if n != "ppo")
+        summary["ppo_beats_all_bots"] = all(table["ppo"].mean() > table[n].mean() for n in bots)
     if cfg.eval.replays and cfg.env.name.lower() == "prospector":
-        summary["replays"] = write_replays(ppo, cfg, result.state)
+        first = result.state if seeds == 1 else jax.tree.map(lambda x: x[0], result.state)
+        summary["replays"] = write_replays(ppo, cfg, first)
     if jax.process_index() == 0:
         print(format_table(summary), flush=True)
     return summary
