@@ -73,6 +73,13 @@ class PPOConfig:
     # Stop the update's remaining minibatch steps once a minibatch's approx KL (old policy vs
     # the current params, measured before its step) exceeds this; None: never stop.
     target_kl: float | None = None
+    # Constrained PPO (rlpyt's CPPO-PID): the env reports a cost per step in info["cost"], the
+    # model's value head has two outputs (reward, cost), the two streams get their own GAE
+    # and (separately) normalised advantages, and the policy loss is the sum-normalised
+    # Lagrangian [L_R + lambda L_C] / (1 + lambda) with lambda = PPOState.penalty, which the
+    # caller sets between updates (e.g. `algorithms.pid_lagrangian`).
+    lagrangian: bool = False
+    cost_scale: float = 1.0  # multiplies costs for learning only (metrics stay in env units)
 
     @property
     def batch_size(self) -> int:
@@ -89,7 +96,7 @@ class PPOConfig:
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"ppo.{name} must be in [0, 1], got {getattr(self, name)}.")
-        for name in ("clip_eps", "lr", "max_grad_norm", "reward_scale"):
+        for name in ("clip_eps", "lr", "max_grad_norm", "reward_scale", "cost_scale"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ppo.{name} must be > 0, got {getattr(self, name)}.")
         for name in ("vf_coef", "ent_coef"):
@@ -143,6 +150,7 @@ class PPOState(struct.PyTreeNode):
     obs_stats: RunningStats | None = None  # [obs_dim] statistics of raw observations
     return_stats: RunningStats | None = None  # [] statistics of the discounted return
     discounted_return: jax.Array | None = None  # [num_envs] running discounted reward sum
+    penalty: jax.Array | None = None  # [] lambda of the Lagrangian loss (lagrangian only)
 
 
 class Transition(struct.PyTreeNode):
@@ -156,6 +164,9 @@ class Transition(struct.PyTreeNode):
     terminated: jax.Array
     done: jax.Array  # terminated | truncated: the episode (and the GAE trace) ends here
     final_obs: jax.Array  # true successor observation (pre-reset when done), normalised as obs
+    cost: jax.Array | None = None  # lagrangian: env units
+    cost_value: jax.Array | None = None  # lagrangian: V_C(obs)
+    penalty: jax.Array | None = None  # lagrangian: lambda of this update, per sample
 
 
 def gae(rewards, values, next_values, terminated, done, *, gamma: float, lam: float):
@@ -284,7 +295,8 @@ class PPO:
             episode_return=envs, episode_length=envs, last_episode_return=envs,
             last_episode_length=envs, update=whole, obs_stats=everywhere(state.obs_stats),
             return_stats=everywhere(state.return_stats),
-            discounted_return=per_env(state.discounted_return))
+            discounted_return=per_env(state.discounted_return),
+            penalty=everywhere(state.penalty))
 
     def init(self, key: jax.Array) -> PPOState:
         model_key, env_key = jax.random.split(key)
@@ -309,6 +321,7 @@ class PPO:
                        if self.cfg.normalize_observations else None),
             return_stats=RunningStats.zeros() if normalize_rewards else None,
             discounted_return=zeros if normalize_rewards else None,
+            penalty=jnp.zeros((), jnp.float32) if self.cfg.lagrangian else None,
         )
 
     def rollout(self, state: PPOState, key: jax.Array) -> tuple[PPOState, Transition]:
@@ -324,6 +337,9 @@ class PPO:
             action_key, env_key = jax.random.split(key)
             obs = self.normalize_obs(state.obs, state.obs_stats)
             dist, value = model(obs, state.action_mask)
+            cost_value = None
+            if cfg.lagrangian:
+                value, cost_value = value[..., 0], value[..., 1]
             action = dist.sample(action_key)
             log_prob = dist.log_prob(action)
             next_obs, env_state, reward, terminated, truncated, info = jax.vmap(
@@ -352,7 +368,8 @@ class PPO:
                 obs=obs, action_mask=state.action_mask, action=action, log_prob=log_prob,
                 value=value, reward=reward, learn_reward=learn_reward * cfg.reward_scale,
                 terminated=terminated, done=done,
-                final_obs=self.normalize_obs(final_obs, obs_stats))
+                final_obs=self.normalize_obs(final_obs, obs_stats),
+                cost=info["cost"] if cfg.lagrangian else None, cost_value=cost_value)
             state = state.replace(
                 env_state=env_state,
                 obs=next_obs,
@@ -373,10 +390,24 @@ class PPO:
         cfg = self.cfg
         dist, value = self.model(params)(batch.obs, batch.action_mask)
         log_prob = dist.log_prob(batch.action)
-        if cfg.normalize_advantages:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        policy_loss = clipped_policy_loss(log_prob, batch.log_prob, advantages, cfg.clip_eps)
-        v_loss = value_loss(value, batch.value, targets, cfg.clip_eps if cfg.clip_value else None)
+        normalize = lambda a: (a - a.mean()) / (a.std() + 1e-8)  # noqa: E731
+        v_clip = cfg.clip_eps if cfg.clip_value else None
+        if cfg.lagrangian:  # advantages / targets / value: [..., 2] = (reward, cost)
+            adv_r, adv_c = advantages[..., 0], advantages[..., 1]
+            if cfg.normalize_advantages:  # each stream on its own, never the combination
+                adv_r, adv_c = normalize(adv_r), normalize(adv_c)
+            penalty = jnp.mean(batch.penalty)  # one lambda per update, carried per sample
+            reward_loss = clipped_policy_loss(log_prob, batch.log_prob, adv_r, cfg.clip_eps)
+            # pessimistic in cost: mean(max(r A_C, clip(r) A_C))
+            cost_loss = clipped_policy_loss(log_prob, batch.log_prob, -adv_c, cfg.clip_eps)
+            policy_loss = (reward_loss + penalty * cost_loss) / (1.0 + penalty)
+            v_loss = (value_loss(value[..., 0], batch.value, targets[..., 0], v_clip)
+                      + value_loss(value[..., 1], batch.cost_value, targets[..., 1], v_clip))
+        else:
+            if cfg.normalize_advantages:
+                advantages = normalize(advantages)
+            policy_loss = clipped_policy_loss(log_prob, batch.log_prob, advantages, cfg.clip_eps)
+            v_loss = value_loss(value, batch.value, targets, v_clip)
         entropy = jnp.mean(dist.entropy())
         total = policy_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
         log_ratio = log_prob - batch.log_prob
@@ -399,13 +430,22 @@ class PPO:
 
         # V of each step's true successor: the pre-reset observation where an episode ended.
         next_values = self.model(state.params).value(traj.final_obs)
-        advantages, targets = gae(traj.learn_reward, traj.value, next_values,
-                                  traj.terminated, traj.done, gamma=cfg.gamma,
-                                  lam=cfg.gae_lambda)
+        gae_of = functools.partial(gae, terminated=traj.terminated, done=traj.done,
+                                   gamma=cfg.gamma, lam=cfg.gae_lambda)
+        if cfg.lagrangian:
+            adv_r, targets_r = gae_of(traj.learn_reward, traj.value, next_values[..., 0])
+            adv_c, targets_c = gae_of(traj.cost * cfg.cost_scale, traj.cost_value,
+                                      next_values[..., 1])
+            advantages = jnp.stack([adv_r, adv_c], -1)
+            targets = jnp.stack([targets_r, targets_c], -1)
+        else:
+            advantages, targets = gae_of(traj.learn_reward, traj.value, next_values)
 
         # The loss reads obs, mask, action, log_prob and value; drop the rest before shuffling.
         batch = traj.replace(reward=None, learn_reward=None, terminated=None, done=None,
-                             final_obs=None)
+                             final_obs=None, cost=None)
+        if cfg.lagrangian:  # lambda rides along in each minibatch as a per-sample constant
+            batch = batch.replace(penalty=jnp.broadcast_to(state.penalty, traj.value.shape))
         flat = lambda x: x.reshape(cfg.batch_size, *x.shape[2:])  # noqa: E731
         samples = jax.tree.map(flat, (batch, advantages, targets))
         grad_fn = jax.grad(self.loss, has_aux=True)
@@ -454,13 +494,16 @@ class PPO:
         # Means over the minibatches whose loss was evaluated (all of them without target_kl).
         weights = jnp.broadcast_to(evaluated, (cfg.epochs, cfg.minibatches))
         metrics = jax.tree.map(lambda m: jnp.sum(m * weights) / jnp.sum(weights), metrics)
+        if cfg.lagrangian:
+            metrics.update(cost_per_step=jnp.mean(traj.cost), penalty=state.penalty)
         metrics.update(
             episode_return=jnp.mean(state.last_episode_return),
             episode_length=jnp.mean(state.last_episode_length.astype(jnp.float32)),
             episodes_finished=jnp.sum(traj.done),
             reward_per_step=jnp.mean(traj.reward),
             value_mean=jnp.mean(traj.value),  # in learn_reward units
-            explained_variance=explained_variance(traj.value, targets),
+            explained_variance=explained_variance(
+                traj.value, targets[..., 0] if cfg.lagrangian else targets),
             minibatches_done=jnp.sum(jnp.broadcast_to(applied, weights.shape)),
         )
         state = state.replace(params=params, opt_state=opt_state, update=state.update + 1)
