@@ -160,7 +160,7 @@ class ScriptedSampler:
         return Generation(tokens=np.concatenate([tokens, new], 1),
                           mask=np.concatenate([mask, response], 1).astype(np.int32),
                           response_mask=np.concatenate([np.zeros_like(mask), response], 1).astype(np.int32),
-                          logprobs=np.concatenate([np.zeros(mask.shape), -response], 1).astype(np.float32))
+                          logprobs=np.concatenate([np.zeros(mask.shape), -response.astype(np.float32)], 1).astype(np.float32))
 
 
 @needs_sim
@@ -219,10 +219,11 @@ class AnswerTokenizer:
 @needs_sim
 def test_rl_on_the_real_grader_raises_mean_reward(grader, counter_fsm):
     counter, fsm = counter_fsm
-    wrong = {counter: counter.reference.replace("count + 1'b1", "count + 2'd2"),
-             fsm: fsm.reference.replace("hit <= din ? 1'b1", "hit <= din ? 1'b0")}
-    answers = [render_answer(c) for p in (counter, fsm) for c in (p.reference, wrong[p])]
-    answers += ["I am not sure.\n", "```verilog\nmodule\n```\n"]
+    wrong = counter.reference.replace("count + 1'b1", "count + 2'd2")
+    # Per problem: its reference (reward 1), a wrong counter (0.3), the other problem's
+    # module (0.1: its top level is missing) or no code (0): six designs to simulate.
+    answers = [render_answer(c) for c in (counter.reference, wrong, fsm.reference)]
+    answers.append("I am not sure.\n")
     tokenizer = AnswerTokenizer([render_prompt(counter), render_prompt(fsm), *answers])
     env = RTLEnv([counter, fsm], tokenizer, grader, max_prompt_tokens=1)
     rollout_cfg = RolloutConfig(prompts_per_step=2, group_size=4, max_new_tokens=2)
@@ -235,34 +236,45 @@ def test_rl_on_the_real_grader_raises_mean_reward(grader, counter_fsm):
                               guard=CollapseGuard(GuardConfig(), log=lambda _: None))
     simulated = len(grader.cache)
     rewards, passed = [], []
-    for i in range(14):
+    for i in range(12):
         state, metrics = step(state, None, jax.random.fold_in(jax.random.key(0), i))
         rewards.append(float(metrics["reward"]))
         passed.append(float(metrics["reward/passed"]))
     assert np.mean(rewards[:3]) < 0.6, rewards
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.25, rewards
     assert np.mean(passed[-3:]) > np.mean(passed[:3]), passed
-    assert len(grader.cache) - simulated <= 14  # few distinct designs: each simulated once
+    assert len(grader.cache) - simulated <= 6  # each distinct design simulated once
+
+
+def small_problem_file(tmp_path, problems):
+    """Two training and two eval problems (by splits.yaml), so a recipe test stays cheap."""
+    splits = load_splits()
+    ids = [i for i in sorted(problems) if splits[i] == "train"][:2]
+    ids += [i for i in sorted(problems) if splits[i] == "eval"][:2]
+    rows = [line for line in OWN_PROBLEMS.read_text().splitlines() if json.loads(line)["id"] in ids]
+    path = tmp_path / "four.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
 
 
 @needs_sim
-def test_rtl_rl_recipe_runs_and_refuses_a_model_too_short(tmp_path, capsys):
+def test_rtl_rl_recipe_runs_and_refuses_a_model_too_short(tmp_path, capsys, problems):
     """The launch path on 8 fake devices with a random tiny GPT-2 (its samples hold no code,
-    so nothing is simulated): two steps, eval split scored, summary with simulations."""
+    so nothing is simulated): a step, the eval split scored before and after, a summary."""
     from jaxrl import launch
     from jaxrl.models.gpt2 import save_pretrained
 
-    save_pretrained(GPT2(GPT2Config(n_positions=208, n_embd=16, n_layer=1, n_head=2),
+    save_pretrained(GPT2(GPT2Config(n_positions=200, n_embd=16, n_layer=1, n_head=2),
                          rngs=nnx.Rngs(0)), tmp_path / "sft")
     args = ["configs/rtl_rl.yaml", f"run.dir={tmp_path / 'run'}", f"init_from={tmp_path / 'sft'}",
+            f"rtl.problems=[{small_problem_file(tmp_path, problems)}]",
             "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=8",
-            "rtl.eval_samples=1", "loop.steps=2", "loop.log_every=1", "loop.eval_every=2",
-            "loop.checkpoint_every=2", "loop.progress=false"]
+            "rtl.eval_samples=1", "loop.steps=1", "loop.log_every=1", "loop.progress=false"]
     assert launch.main([*args, "rollout.max_new_tokens=64"]) == 2
-    assert "exceeds the model's n_positions=208" in capsys.readouterr().err
+    assert "exceeds the model's n_positions=200" in capsys.readouterr().err
     assert launch.main(args) == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["steps"] == 2 and "simulations" in result
+    assert result["steps"] == 1 and "simulations" in result
     for key in ("eval/passed", "eval/format", "eval/syntax", "eval/tests", "eval/kl",
                 "initial_eval/passed", "train/reward/passed", "train/reward/graded"):
         assert key in result, key

@@ -288,7 +288,7 @@ class MultiTurnCollector(RolloutCollector):
         mask = np.repeat(prompts.mask, cfg.group_size, axis=0)
         final, rows_prompt, first_passed, turns_used = self.turns(params, problems, texts, tokens,
                                                                   mask, key)
-        generation = {k: self._place(v) for k, v in final.items() if k != "texts"}
+        generation = {k: self._place(v) for k, v in final.items() if k not in ("texts", "results")}
         ref = generation["logprobs"]
         if self.ref_params is not None:
             ref = self._ref_logprobs(self.ref_graphdef, self.ref_params, generation["tokens"],
