@@ -123,23 +123,19 @@ needs_sim = pytest.mark.skipif(shutil.which("bwrap") is None or shutil.which("iv
 
 @needs_sim
 def test_rtl_distill_recipe_runs_and_refuses_a_teacher_with_another_vocabulary(tmp_path, capsys):
-    from test_rtl_env import small_problem_file
-
     from jaxrl import launch
-    from jaxrl.envs.text.rtl import OWN_PROBLEMS
-    from jaxrl.eval.verilog import load_cvdp
     from jaxrl.models.gpt2 import save_pretrained
 
-    save_pretrained(GPT2(GPT2Config(n_positions=200, n_embd=16, n_layer=1, n_head=2),
+    save_pretrained(GPT2(GPT2Config(n_positions=88, n_embd=16, n_layer=1, n_head=2),
                          rngs=nnx.Rngs(0)), tmp_path / "student")
-    save_pretrained(GPT2(GPT2Config(n_positions=200, n_embd=32, n_layer=1, n_head=2),
+    save_pretrained(GPT2(GPT2Config(n_positions=88, n_embd=32, n_layer=1, n_head=2),
                          rngs=nnx.Rngs(1)), tmp_path / "teacher")
-    save_pretrained(GPT2(GPT2Config(vocab_size=1000, pad_id=999, n_positions=200, n_embd=16, n_layer=1,
+    save_pretrained(GPT2(GPT2Config(vocab_size=1000, pad_id=999, n_positions=88, n_embd=16, n_layer=1,
                                     n_head=2), rngs=nnx.Rngs(1)), tmp_path / "other_vocab")
     args = ["configs/rtl_distill.yaml", f"run.dir={tmp_path / 'run'}",
             f"init_from={tmp_path / 'student'}", "rollout.prompts_per_step=4",
             "rollout.group_size=2", "rollout.max_new_tokens=8", "rtl.eval_samples=1",
-            f"rtl.problems=[{small_problem_file(tmp_path, {p.id: p for p in load_cvdp([OWN_PROBLEMS])})}]",
+            "rtl.max_prompt_tokens=80",
             "loop.steps=1", "loop.log_every=1", "loop.progress=false"]
     assert launch.main([*args, f"teacher={tmp_path / 'other_vocab'}"]) == 2
     assert "the teacher's vocabulary has 1000 entries" in capsys.readouterr().err

@@ -60,7 +60,10 @@ def test_own_problem_set_and_split_by_id(problems):
     kinds = {c for p in problems.values() for c in p.categories}
     assert {"combinational", "sequential", "fifo", "seq_detector", "up_counter", "alu"} <= kinds
     for p in problems.values():
-        assert p.gradable and p.reference and render_prompt(p).endswith("code block.\n\n")
+        assert p.gradable and p.reference and render_prompt(p).endswith("code block.\n")
+        # The prompt's tokens are a prefix of prompt + answer's: what SFT saw, RL continues.
+        prompt = GPT2_TOKENIZER.encode(render_prompt(p))
+        assert GPT2_TOKENIZER.encode(render_prompt(p) + render_answer(p.reference))[:len(prompt)] == prompt
     corpus = (OWN_PROBLEMS.parent / "sft_corpus.jsonl").read_text()
     for i in held_out:  # no eval design leaks into the SFT corpus
         assert problems[i].reference not in corpus and render_prompt(problems[i]) not in corpus
@@ -246,32 +249,22 @@ def test_rl_on_the_real_grader_raises_mean_reward(grader, counter_fsm):
     assert len(grader.cache) - simulated <= 6  # each distinct design simulated once
 
 
-def small_problem_file(tmp_path, problems):
-    """Two training and two eval problems (by splits.yaml), so a recipe test stays cheap."""
-    splits = load_splits()
-    ids = [i for i in sorted(problems) if splits[i] == "train"][:2]
-    ids += [i for i in sorted(problems) if splits[i] == "eval"][:2]
-    rows = [line for line in OWN_PROBLEMS.read_text().splitlines() if json.loads(line)["id"] in ids]
-    path = tmp_path / "four.jsonl"
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
 @needs_sim
-def test_rtl_rl_recipe_runs_and_refuses_a_model_too_short(tmp_path, capsys, problems):
+def test_rtl_rl_recipe_runs_and_refuses_a_model_too_short(tmp_path, capsys):
     """The launch path on 8 fake devices with a random tiny GPT-2 (its samples hold no code,
-    so nothing is simulated): a step, the eval split scored before and after, a summary."""
+    so nothing is simulated): a step, the eval split scored before and after, a summary.
+    Prompts up to 80 tokens keep the run small (the longer problems are skipped)."""
     from jaxrl import launch
     from jaxrl.models.gpt2 import save_pretrained
 
-    save_pretrained(GPT2(GPT2Config(n_positions=200, n_embd=16, n_layer=1, n_head=2),
+    save_pretrained(GPT2(GPT2Config(n_positions=88, n_embd=16, n_layer=1, n_head=2),
                          rngs=nnx.Rngs(0)), tmp_path / "sft")
     args = ["configs/rtl_rl.yaml", f"run.dir={tmp_path / 'run'}", f"init_from={tmp_path / 'sft'}",
-            f"rtl.problems=[{small_problem_file(tmp_path, problems)}]",
+            "rtl.max_prompt_tokens=80",
             "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=8",
             "rtl.eval_samples=1", "loop.steps=1", "loop.log_every=1", "loop.progress=false"]
     assert launch.main([*args, "rollout.max_new_tokens=64"]) == 2
-    assert "exceeds the model's n_positions=200" in capsys.readouterr().err
+    assert "exceeds the model's n_positions=88" in capsys.readouterr().err
     assert launch.main(args) == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["steps"] == 1 and "simulations" in result

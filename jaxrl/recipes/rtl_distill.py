@@ -22,8 +22,10 @@ from jaxrl.envs.text.rtl import RTLEnvConfig, render_answer
 from jaxrl.recipes import reinforce
 from jaxrl.recipes.rtl_rl import SFT_COMMAND, setup
 
-TEACHER_COMMAND = (SFT_COMMAND + " run.dir=runs/sft_gpt2_verilog_teacher loop.steps=1600 "
-                   "optimizer.decay_steps=1600")  # the same SFT, trained longer
+# The teacher is the same SFT trained longer: its checkpoint resumed from 400 to 600 steps.
+TEACHER_COMMAND = ("cp -r runs/sft_gpt2_verilog runs/sft_gpt2_verilog_teacher && rm -r "
+                   "runs/sft_gpt2_verilog_teacher/hf && " + SFT_COMMAND +
+                   " run.dir=runs/sft_gpt2_verilog_teacher loop.steps=600 optimizer.decay_steps=600")
 SINGLE_PROCESS = reinforce.SINGLE_PROCESS
 
 

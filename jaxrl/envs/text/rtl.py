@@ -3,7 +3,7 @@ shaped reward back (`jaxrl.eval.verilog`), single-turn or multi-turn with simula
 
 Prompt template (one, for training, SFT corpus and eval alike): `RTLProblem.full_prompt()`
 (`input.prompt`, the `input.context` files, then "Answer with the complete contents of
-`<output.context file>` in one ```verilog code block.") followed by a blank line. The
+`<output.context file>` in one ```verilog code block.") and a newline. The
 completion is parsed as the grader parses answers (the first fenced block holding a module,
 else a bare `module ... endmodule`) into that file. Rewards per completion: `reward` (format
 -> syntax -> fraction of cocotb tests passed), each stage (`format`, `syntax`, `tests`,
@@ -47,8 +47,11 @@ STAGES = ("format", "syntax", "tests", "passed", "graded")
 
 
 def render_prompt(problem: RTLProblem) -> str:
-    """The one prompt template (see the module docstring)."""
-    return problem.full_prompt() + "\n\n"
+    """The one prompt template (see the module docstring). It ends in a single newline: GPT-2
+    encodes a trailing "\n\n" as one token but "\n\n```" as two, so a prompt ending in a blank
+    line would not be a token prefix of prompt + answer, and a policy SFT'd on the joint text
+    would never have seen the prompt's last token before an answer."""
+    return problem.full_prompt() + "\n"
 
 
 def render_answer(code: str) -> str:
