@@ -22,17 +22,16 @@ from jaxrl.envs.text.rtl import RTLEnvConfig, render_answer
 from jaxrl.recipes import reinforce
 from jaxrl.recipes.rtl_rl import SFT_COMMAND, setup
 
-# The teacher is the same SFT trained longer: its checkpoint resumed from 400 to 600 steps.
-TEACHER_COMMAND = ("cp -r runs/sft_gpt2_verilog runs/sft_gpt2_verilog_teacher && rm -r "
-                   "runs/sft_gpt2_verilog_teacher/hf && " + SFT_COMMAND +
-                   " run.dir=runs/sft_gpt2_verilog_teacher loop.steps=600 optimizer.decay_steps=600")
+# The teacher is the same SFT trained longer: the student's run (200 steps) resumed to 300.
+TEACHER_COMMAND = ("cp -r runs/sft_gpt2_verilog_student runs/sft_gpt2_verilog && rm -r "
+                   "runs/sft_gpt2_verilog/hf && python -m jaxrl.launch configs/sft_gpt2_verilog.yaml")
 SINGLE_PROCESS = reinforce.SINGLE_PROCESS
 
 
 @dataclasses.dataclass
 class Config(RecipeConfig):
-    init_from: str = "runs/sft_gpt2_verilog/hf"  # the student: HF GPT-2 directory
-    teacher: str = "runs/sft_gpt2_verilog_teacher/hf"  # the teacher: HF GPT-2 directory
+    init_from: str = "runs/sft_gpt2_verilog_student/hf"  # the student: HF GPT-2 directory
+    teacher: str = "runs/sft_gpt2_verilog/hf"  # the teacher: HF GPT-2 directory
     teacher_tokenizer: str = "gpt2"  # what the teacher was trained with ("gpt2" or a tokenizer path)
     rtl: RTLEnvConfig = dataclasses.field(default_factory=RTLEnvConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=lambda: RolloutConfig(max_new_tokens=320))

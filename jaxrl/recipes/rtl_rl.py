@@ -24,13 +24,14 @@ from jaxrl.eval.sandbox import Sandbox
 from jaxrl.eval.verilog import VerilogGrader
 from jaxrl.recipes import reinforce
 
-SFT_COMMAND = "python -m jaxrl.launch configs/sft_gpt2_verilog.yaml"
+SFT_COMMAND = ("python -m jaxrl.launch configs/sft_gpt2_verilog.yaml loop.steps=200 "
+               "run.dir=runs/sft_gpt2_verilog_student")
 SINGLE_PROCESS = reinforce.SINGLE_PROCESS
 
 
 @dataclasses.dataclass
 class Config(RecipeConfig):
-    init_from: str = "runs/sft_gpt2_verilog/hf"  # HF GPT-2 directory (the Verilog SFT export)
+    init_from: str = "runs/sft_gpt2_verilog_student/hf"  # HF GPT-2 directory (the Verilog SFT export)
     rtl: RTLEnvConfig = dataclasses.field(default_factory=RTLEnvConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=lambda: RolloutConfig(max_new_tokens=320))
     reinforce: PolicyGradientConfig = dataclasses.field(default_factory=PolicyGradientConfig)
