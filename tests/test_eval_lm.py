@@ -178,10 +178,14 @@ def test_niah_prompts_plant_the_needle_at_its_depth_and_the_grid_covers_what_fit
         needle = " The pass key is 71432. Remember it. 71432 is the pass key."
         at, question = text.index(needle), text.index(" What is the pass key?")
         assert abs(at / (question - len(needle)) - depth) < 0.2, (depth, text)
+    control, k = niah.niah_prompt(tok, "passkey", "71432", 64, 0.5, needle=False)
+    assert len(control) == 64 and tok.decode(control[-k:]) == " 71432" and tok.decode(control).count("71432") == 1
     grid = niah.niah_grid(lm, tok, lengths=[48, 64, 128], depths=[0.0, 1.0], kinds=["passkey", "number"], samples=2)
     assert grid["lengths"] == [48, 64] and grid["skipped_lengths"] == [128]
-    assert set(grid["accuracy"]["number"]["64"]) == {"0.0", "1.0"}
+    assert set(grid["accuracy"]["number"]["64"]) == set(grid["gain"]["number"]["64"]) == {"0.0", "1.0"}
     assert all(0.0 <= v <= 1.0 for row in grid["accuracy"]["passkey"].values() for v in row.values())
+    assert all(v > 0 for row in grid["answer_nll"]["passkey"].values() for v in row.values())
+    assert all(v != 0 for row in grid["gain"]["passkey"].values() for v in row.values())  # the needle is seen
 
 
 class UnigramCacheLM:
@@ -324,7 +328,7 @@ def test_memorising_keeps_each_row_its_own_memory_and_leaves_the_model_as_it_was
     the model memorize was called on still scores from the initial memory. (The shapes and mesh
     are the CLI test's continual ones, so its compiled functions are reused.)"""
     run, model = hope_run
-    lm = lm_model.load(run / "hope")
+    lm = lm_model.load(run / "hope", mesh=make_mesh(MeshConfig()))  # all 8 devices, as the CLI
     assert isinstance(lm, FastStateLM)
     rng = np.random.default_rng(0)
     memo = rng.integers(0, 500, (8, 17)).astype(np.int32)

@@ -134,7 +134,9 @@ def table_rows(name: str, result: dict) -> list[str]:
                 row("word_ppl", result["word_ppl"]), row("bits_per_byte", result["bits_per_byte"])]
     if name == "niah":
         return [row(f"{kind} mean accuracy (lengths {result['lengths']})", v)
-                for kind, v in result["mean"].items()]
+                for kind, v in result["mean"].items()] + [
+                row(f"{kind} mean needle gain (nats per answer token)", v)
+                for kind, v in result["mean_gain"].items()]
     if name == "continual":
         rows = [row(f"CE {seg} after the last stage (forgetting {result['forgetting'][seg]:+.4f})",
                     result["ce"][-1][j])

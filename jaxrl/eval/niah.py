@@ -12,6 +12,11 @@ Values are drawn from a seeded generator, so a grid is reproducible. A cell is c
 every answer token is the model's argmax given the true prefix (what greedy decoding of the
 answer would produce), scored in one forward pass per batch like every other evaluation.
 The grid's accuracy is the fraction of `samples` correct per (needle, length, depth).
+
+A small model gets every cell wrong, so the grid also reports how much the needle helps:
+`answer_nll` is the answer's mean per-token NLL (nats) in the prompt, `gain` is that NLL in
+the same prompt without the needle (filler in its place, same length) minus `answer_nll`.
+A model that reads the needle back has gain > 0; one that ignores it, gain 0.
 """
 
 from __future__ import annotations
@@ -30,10 +35,13 @@ NEEDLES = {
 }
 
 
-def niah_prompt(tokenizer, kind: str, value: str, length: int, depth: float) -> tuple[list[int], int]:
-    """(tokens of a `length`-token prompt ending in the answer, number of answer tokens)."""
-    needle, question, _ = NEEDLES[kind]
-    needle_ids = tokenizer.encode(needle.format(v=value))
+def niah_prompt(tokenizer, kind: str, value: str, length: int, depth: float,
+                needle: bool = True) -> tuple[list[int], int]:
+    """(tokens of a `length`-token prompt ending in the answer, number of answer tokens).
+
+    `needle=False`: the control prompt, filler where the needle would be."""
+    template, question, _ = NEEDLES[kind]
+    needle_ids = tokenizer.encode(template.format(v=value))
     tail = tokenizer.encode(question) + (answer := tokenizer.encode(" " + value))
     sentences = [tokenizer.encode(s) for s in FILLER]
     room = length - len(needle_ids) - len(tail)
@@ -47,7 +55,17 @@ def niah_prompt(tokenizer, kind: str, value: str, length: int, depth: float) -> 
     filler = filler[:room]
     cuts = [c for c in cuts if c < room] + [room]  # sentence ends, and the end of the filler
     at = min(cuts, key=lambda c: abs(c - depth * room))
+    if not needle:
+        return filler + _filler(sentences, len(needle_ids)) + tail, len(answer)
     return filler[:at] + needle_ids + filler[at:] + tail, len(answer)
+
+
+def _filler(sentences: list[list[int]], n: int) -> list[int]:
+    out, i = [], 0
+    while len(out) < n:
+        out += sentences[i % len(sentences)]
+        i += 1
+    return out[:n]
 
 
 def niah_grid(lm: LanguageModel, tokenizer, *, lengths: list[int], depths: list[float],
@@ -62,17 +80,27 @@ def niah_grid(lm: LanguageModel, tokenizer, *, lengths: list[int], depths: list[
             for d in depths:
                 for _ in range(samples):
                     value = str(rng.integers(10 ** (digits - 1), 10**digits))
-                    row, k = niah_prompt(tokenizer, kind, value, n, d)
-                    cells.append((kind, n, d))
-                    rows.append(row)
-                    spans.append(k)
+                    for with_needle in (True, False):
+                        row, k = niah_prompt(tokenizer, kind, value, n, d, needle=with_needle)
+                        cells.append((kind, n, d, with_needle))
+                        rows.append(row)
+                        spans.append(k)
     scores = score_sequences(lm, rows, batch_size)
-    hits: dict = {}
+    hits, nll = {}, {}
     for cell, s, k in zip(cells, scores, spans):
-        hits.setdefault(cell, []).append(bool(s.greedy[-k:].all()))
-    grid = {kind: {str(n): {str(d): float(np.mean(hits[(kind, n, d)])) for d in depths} for n in fits}
-            for kind in kinds}
+        nll.setdefault(cell, []).append(-float(s.logprobs[-k:].mean()))
+        if cell[3]:
+            hits.setdefault(cell[:3], []).append(bool(s.greedy[-k:].all()))
+
+    def grid(value):  # (kind, n, d) -> number  =>  {kind: {n: {d: number}}}
+        return {kind: {str(n): {str(d): value(kind, n, d) for d in depths} for n in fits} for kind in kinds}
+
+    def mean(g):
+        return {kind: float(np.mean([v for row in g[kind].values() for v in row.values()])) for kind in kinds}
+
+    accuracy = grid(lambda *c: float(np.mean(hits[c])))
+    answer_nll = grid(lambda *c: float(np.mean(nll[(*c, True)])))
+    gain = grid(lambda *c: float(np.mean(nll[(*c, False)]) - np.mean(nll[(*c, True)])))
     return {"lengths": fits, "skipped_lengths": [n for n in lengths if n not in fits], "depths": depths,
-            "samples": samples, "accuracy": grid,
-            "mean": {kind: float(np.mean([v for row in grid[kind].values() for v in row.values()]))
-                     for kind in kinds}}
+            "samples": samples, "accuracy": accuracy, "mean": mean(accuracy), "answer_nll": answer_nll,
+            "gain": gain, "mean_gain": mean(gain)}
