@@ -92,7 +92,7 @@ def sharpened(model, factor):
 
 def test_distillation_lowers_the_reverse_kl_to_the_teacher():
     """The teacher is the student's random init at temperature 1/4 (peaked where the student
-    is near uniform): 20 distillation steps on the student's own samples must close most of
+    is near uniform): 12 distillation steps on the student's own samples must close most of
     the exact per-token reverse KL on completions held fixed. (A teacher of another shape
     scores through `ref_graphdef`: the recipe test below uses one.)"""
     env = TextEnv(PROMPTS, TOKENIZER, lambda batch: {"reward": np.zeros(len(batch.texts))},
@@ -109,12 +109,12 @@ def test_distillation_lowers_the_reverse_kl_to_the_teacher():
     teacher_graphdef = nnx.graphdef(teacher)
     before = exact_reverse_kl(state.graphdef, state.params, teacher_graphdef, teacher_params, fixed)
     sampled = []
-    for i in range(20):
+    for i in range(12):
         state, metrics = step(state, None, jax.random.fold_in(jax.random.key(0), i))
         sampled.append(float(metrics["kl"]))
     after = exact_reverse_kl(state.graphdef, state.params, teacher_graphdef, teacher_params, fixed)
     assert before > 0.1 and after < 0.4 * before, (before, after, sampled)
-    assert np.mean(sampled[-5:]) < np.mean(sampled[:5]), sampled
+    assert np.mean(sampled[-4:]) < np.mean(sampled[:4]), sampled
 
 
 needs_sim = pytest.mark.skipif(shutil.which("bwrap") is None or shutil.which("iverilog") is None,
