@@ -3,7 +3,8 @@
 The loss, train and eval steps, data, step compiler and loop are the SFT recipe's own
 (`sft.lm_loss` through `sft.train_step` / `sft.eval_step`): HOPE takes GPT-2's call
 interface. Each example's fast memories start from their meta-learned initial state at every
-sequence and are written inside the forward pass, per example, also on a sharded mesh.
+sequence and are written inside the forward pass, per example, also on a sharded mesh and on
+several processes (each reads its slice of the batch; process 0 writes the export).
 Reports train and validation loss and the parameter count, and writes the final model to
 `<run dir>/hope` (`hope.save_pretrained`: config.json + model.safetensors), which
 `configs/eval_lm.yaml model=<run dir>/hope` evaluates. No text samples.
@@ -28,11 +29,6 @@ from jaxrl.core.train_state import TrainState
 from jaxrl.data.lm import LMDataConfig, load_lm_data
 from jaxrl.models.hope import HOPE, HopeConfig, parameter_count, save_pretrained
 from jaxrl.recipes import sft
-
-# Refused with several processes (checked by `jaxrl.launch` before any device work).
-SINGLE_PROCESS = ("it has not been run on several processes yet (its steps are the SFT "
-                  "recipe's, which has); run it on one host")
-
 
 @dataclasses.dataclass
 class Config(RecipeConfig):
