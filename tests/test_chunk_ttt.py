@@ -35,10 +35,20 @@ def token_docs(seed=0):
     return [list(rng.integers(0, 256, n)) for n in LENGTHS]
 
 
+@jax.jit
+def base_logits(tokens):
+    return tiny_lm()(tokens)
+
+
+@jax.jit
+def trunk(tokens):
+    return fw.trunk_states(tiny_lm(), tokens, C)
+
+
 def docs_for(lm_fast, tokens):
     windows, targets, lengths, cut = ct.chunk_tokens(tokens, chunk=C, max_chunks=T, eot_id=EOT,
                                                       pad_id=PAD)
-    inputs = fw.trunk_states(tiny_lm(), jnp.asarray(windows.reshape(-1, 2 * C)), C)
+    inputs = trunk(jnp.asarray(windows.reshape(-1, 2 * C)))
     return ct.make_docs(lm_fast, inputs.reshape(*windows.shape[:2], C, -1), targets, lengths,
                         cut, PAD), windows
 
@@ -75,21 +85,27 @@ def test_start_weights_reproduce_the_base_model(kind):
     windows, targets, *_ = ct.chunk_tokens(token_docs()[:1], chunk=C, max_chunks=T, eot_id=EOT,
                                            pad_id=PAD)
     x, y = jnp.asarray(windows[0, 2]), jnp.asarray(targets[0, 2])
-    base = tiny_lm()(x[None])[0, C - 1:-1]
+    base = base_logits(x[None])[0, C - 1:-1]
     expected = optax.softmax_cross_entropy_with_integer_labels(base, y).mean()
     fast = fw.build(tiny_lm(), fw.FastConfig(type=kind, hidden=32, rank=4), C)
-    inputs = fw.trunk_states(tiny_lm(), x[None], C)[0] if kind == "top" else x
+    inputs = trunk(x[None])[0] if kind == "top" else x
     mask = jnp.ones(C)
-    np.testing.assert_allclose(fast.loss(fast.fast0, inputs, y, mask), expected, rtol=1e-5)
-    stepped, _, g = fast.inner_step(fast.fast0, fast.tx.init(fast.fast0), inputs, y, mask)
-    assert float(g) > 0 and float(fast.loss(stepped, inputs, y, mask)) < float(expected)
+
+    @jax.jit
+    def start_and_stepped(fast0, inputs):
+        stepped, _, g = fast.inner_step(fast0, fast.tx.init(fast0), inputs, y, mask)
+        return fast.loss(fast0, inputs, y, mask), fast.loss(stepped, inputs, y, mask), g
+
+    start, after, g = start_and_stepped(fast.fast0, inputs)
+    np.testing.assert_allclose(start, expected, rtol=1e-5)
+    assert float(g) > 0 and float(after) < float(expected)
 
 
 def test_anchored_rewards_sum_to_the_documents_loss_reduction(setup):
     fast, docs, windows, ttt = setup
     trace = ct.rollout(ttt, docs, ct.act_schedule, jnp.int32(0), mixed_plan(docs), jax.random.key(0))
     # l0 independently: the plain base model on every window, loss over real targets only.
-    logits = tiny_lm()(jnp.asarray(windows.reshape(-1, 2 * C)))[:, C - 1:-1]
+    logits = base_logits(jnp.asarray(windows.reshape(-1, 2 * C)))[:, C - 1:-1]
     y = docs.targets.reshape(-1, C)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     m = (y != PAD).astype(jnp.float32)
@@ -135,7 +151,7 @@ def test_env_resets_fast_weights_and_optimizer_between_documents(setup):
     fast, docs, _, ttt = setup
     env = ct.ChunkTTTEnv(ttt, T)
     params = ct.EnvParams(docs)
-    obs, state = env.reset(jax.random.key(0), params)
+    obs, state = jax.jit(env.reset)(jax.random.key(0), params)
     step = jax.jit(env.step)
     ended = 0
     for i in range(12):
@@ -243,10 +259,8 @@ def test_bad_inputs_fail_before_compiling(base_dir, tmp_path):
     gpt2.save_pretrained(tiny_lm(), other)  # 258 ids, not GPT-2's
     with pytest.raises(ConfigError, match="vocabulary of 257 ids"):
         recipe.load_base(recipe_config(other, tmp_path))
-    cfg = recipe_config(base_dir, tmp_path, **{"data.drop_short": False, "data.chunk": 4096 // 2,
-                                               "data.pattern": "json/*.py"})
     with pytest.raises(ConfigError, match="n_positions"):
-        recipe.load_base(cfg)
+        recipe.load_base(recipe_config(base_dir, tmp_path, **{"data.chunk": 64}))
 
 
 def test_tiny_run_trains_a_policy_that_meets_its_budget(base_dir, tmp_path):
@@ -258,8 +272,8 @@ def test_tiny_run_trains_a_policy_that_meets_its_budget(base_dir, tmp_path):
                "data.tokenizer=gpt2", "data.chunk=16", "data.max_chunks=4", "data.train_docs=8",
                "data.pattern=json/*.py", "data.eval_packages=[zz]", "rho=1.0", "budgets=[0.5]",
                "ppo.num_envs=16", "ppo.rollout_steps=6", "ppo.epochs=2", "ppo.minibatches=2",
-               "ppo.lr=0.003", "ppo.target_kl=null", "pid.kp=2.0", "pid.ki=0.5",
-               "loop.steps=40", "loop.log_every=1", "loop.progress=false"])
+               "fast.inner_lr=0.01", "ppo.lr=0.003", "ppo.target_kl=null", "pid.kp=3.0",
+               "pid.ki=0.1", "pid.alpha_p=0.5", "loop.steps=40", "loop.log_every=1", "loop.progress=false"])
     assert rc == 0
     rows = [json.loads(x) for x in (tmp_path / "B0.5" / "metrics.jsonl").read_text().splitlines()]
     costs = [r["cost_per_step"] for r in rows if "cost_per_step" in r]

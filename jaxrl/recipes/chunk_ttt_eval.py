@@ -90,7 +90,9 @@ def run(cfg: Config) -> dict:
 
     results: dict[str, dict] = {}
     for budget in cfg.budgets:
-        ttt = ct.ChunkTTT(fast_lm, rho, budget, cfg.reward_mode)
+        # The rules read no budget feature, so they share ttt1 (one compile each); only the
+        # learned policy sees its budget's slack and cost-rate features.
+        ttt = ttt1
         action, rate = update_action(rho, budget)
         rows = {}
         probs = np.zeros(len(ct.STEPS), np.float32)
@@ -115,7 +117,8 @@ def run(cfg: Config) -> dict:
         if cfg.eval.policy_dir and policy_file.is_file():
             ppo, params, obs_stats, _ = train_recipe.load_policy(
                 cfg, fast_lm, rho, budget, docs.num_chunks, policy_file)
-            rows["policy"] = evaluate("policy", ttt, train_recipe.policy_act(ppo),
+            own = ct.ChunkTTT(fast_lm, rho, budget, cfg.reward_mode)
+            rows["policy"] = evaluate("policy", own, train_recipe.policy_act(ppo),
                                       (params, obs_stats), budget=budget)
         oracle = rows["greedy_oracle"]["ce"]
         for row in rows.values():
