@@ -8,7 +8,8 @@ Titans LMM alone). The interface is GPT-2's: `model(tokens, attention_mask, dete
 rngs=...) -> logits [B, T, embedding_rows]`, so the SFT recipe's `lm_loss` trains it. Every
 call starts each example from the meta-learned initial fast state (the slow parameters); pass
 `fast=model.init_fast(B)` (or a state a previous call returned) to get `(logits, fast')` and
-carry the memories across calls.
+carry the memories across calls. `save_pretrained` / `from_pretrained` write and read the
+export the evaluations load (config.json with model_type "hope" + model.safetensors).
 
 Generation (`generate`) recomputes the whole window for each new token: simple and exact,
 O(T^2). A recurrent-state decoder is not built yet (it needs the mixers' chunk grid and conv
