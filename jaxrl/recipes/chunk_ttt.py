@@ -25,7 +25,6 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, serialization, struct
 
 from jaxrl.algorithms import pid_lagrangian
