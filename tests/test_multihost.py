@@ -1,5 +1,5 @@
-"""Several processes on one mesh: SFT and PPO like one process, shared checkpoints, preemption,
-dead and stuck peers, and which recipes refuse.
+"""Several processes on one mesh: SFT, HOPE and PPO like one process, shared checkpoints,
+preemption, dead and stuck peers, and which recipes refuse.
 
 Each test starts two local JAX processes x 4 CPU devices (the shape of a two-host pod slice)
 through `python -m jaxrl.launch`, as a user of `launch/` would.
@@ -132,6 +132,27 @@ def test_sft_on_two_processes_matches_one_and_resumes_after_sigterm(tmp_path, co
         np.testing.assert_allclose(exported[0][name], exported[1][name], atol=1e-5, err_msg=name)
 
 
+TINY_HOPE = ["hope_pilot", "model.mixer=titans", "model.writes=stop_gradient", "model.n_embd=16",
+             "model.n_layer=1", "model.memory.heads=2", "model.memory.chunk_size=4",
+             "model.memory.memory_chunk_size=8", "model.cms.periods=[4]", "data.seq_len=16",
+             "data.batch_size=8", "loop.steps=3", "loop.log_every=1", "loop.eval_every=0",
+             "loop.checkpoint_every=0", "loop.progress=false", "optimizer.warmup_steps=1",
+             "optimizer.decay_steps=100", "eval_batches=1"]
+
+
+def test_hope_on_two_processes_matches_one(tmp_path, corpus):
+    """sft_hope: per-example fast state on 2 x 4 devices trains like 1 x 8; process 0 exports."""
+    args = [*TINY_HOPE, f"data.path={corpus}"]
+    single = run_launch(*args, f"run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    procs = start_pair(args, tmp_path / "multi")
+    for p, out in zip(procs, finish(procs)):
+        assert p.returncode == 0, out[-3000:]
+    assert len(losses(tmp_path / "multi")) == 3
+    assert losses(tmp_path / "multi") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
+    assert (tmp_path / "multi" / "hope" / "model.safetensors").is_file()
+
+
 def test_killed_peer_ends_the_job(tmp_path, corpus):
     """SIGKILL one process mid-run: the survivor fails within 2 minutes and names the dead peer."""
     procs = start_pair([*SFT, f"data.path={corpus}", "loop.steps=100000"], tmp_path / "run",
@@ -207,7 +228,7 @@ def test_every_recipe_runs_on_several_processes_or_refuses():
              if line.startswith(("RUNS ", "REFUSES "))]
     runs = {name for verdict, name, *_ in lines if verdict == "RUNS"}
     refusals = {name: why for verdict, name, *why in lines if verdict == "REFUSES"}
-    assert runs == {"sft", "ppo"}  # tested above: test_sigterm_*, test_default_ppo_job_*
+    assert runs == {"sft", "ppo", "sft_hope"}  # tested above: test_sft_*, test_default_ppo_*, test_hope_*
     assert set(refusals) == set(recipe_names()) - runs  # every other recipe, with a reason
     for name, (why,) in refusals.items():
         assert f"recipe {name!r} runs in one process, but this job has 2" in why
