@@ -4,13 +4,11 @@ multi-turn collector feeds the simulator log back and scores the final turn, and
 real grader raises the mean reward; the rtl_rl recipe runs end to end."""
 
 import copy
-import dataclasses
 import functools
 import json
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import numpy as np
 from flax import nnx
 
 from jaxrl.algorithms.optimizer import OptimizerConfig, make_optimizer

@@ -25,6 +25,15 @@ PROBLEMS_FILE = HERE / "jaxrl_rtl_v2.jsonl"
 SPLITS_FILE = HERE / "splits.yaml"
 CORPUS_FILE = HERE / "sft_corpus.jsonl"
 
+# Every harness first checks the input ports' widths (a wider design must not pass).
+CHECK_PORTS = '''\
+def check_ports(dut):
+    for name, width in INPUTS.items():
+        value = getattr(dut, name).value
+        got = len(value) if hasattr(value, "__len__") else 1
+        assert got == width, f"input {name} is {got} bits wide, expected {width}"
+'''
+
 COMB_HARNESS = '''\
 import random
 
@@ -36,12 +45,7 @@ INPUTS = {inputs}
 {model}
 
 
-def check_ports(dut):
-    for name, width in INPUTS.items():
-        value = getattr(dut, name).value
-        got = len(value) if hasattr(value, "__len__") else 1
-        assert got == width, f"input {{name}} is {{got}} bits wide, expected {{width}}"
-
+{check_ports}
 
 async def check(dut, vec):
     for name, value in vec.items():
@@ -88,12 +92,7 @@ DIRECTED = {directed}
 {model}
 
 
-def check_ports(dut):
-    for name, width in INPUTS.items():
-        value = getattr(dut, name).value
-        got = len(value) if hasattr(value, "__len__") else 1
-        assert got == width, f"input {{name}} is {{got}} bits wide, expected {{width}}"
-
+{check_ports}
 
 async def start(dut):
     check_ports(dut)
@@ -846,7 +845,7 @@ def row(spec: dict) -> dict:
     name = spec["name"]
     target = f"rtl/{name}.sv"
     template = COMB_HARNESS if spec["kind"] == "comb" else SEQ_HARNESS
-    fields = dict(inputs=repr(spec["inputs"]), model=spec["model"])
+    fields = dict(inputs=repr(spec["inputs"]), model=spec["model"], check_ports=CHECK_PORTS)
     if spec["kind"] == "seq":
         fields["directed"] = repr(spec["directed"])
     env = (f"SIM             = icarus\nTOPLEVEL_LANG   = verilog\nVERILOG_SOURCES = /code/{target}\n"
