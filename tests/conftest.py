@@ -73,8 +73,10 @@ def run_launch(*args, cwd=None, timeout=600, env=None):
 # scripts/test.sh runs the suite on 2 pytest-xdist workers, one file per worker at a time
 # (`--dist loadfile`, so module fixtures compile once). Files in this order go first, the
 # longest ahead, so neither worker is left with one long file at the end.
-LONGEST_FIRST = ["test_multihost.py", "test_ppo.py", "test_hope.py", "test_prospector.py",
-                 "test_packaging.py", "test_gpt2.py", "test_reinforce.py", "test_corpus.py"]
+LONGEST_FIRST = ["test_multihost.py", "test_ppo.py", "test_chunk_ttt.py", "test_eval_lm.py",
+                 "test_hope.py", "test_gpt2.py", "test_prospector.py", "test_reinforce.py",
+                 "test_corpus.py", "test_packaging.py", "test_sharding.py", "test_rtl_env.py",
+                 "test_distill.py"]
 
 
 def pytest_collection_modifyitems(items):
