@@ -22,6 +22,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import jax  # noqa: E402
 
+import jaxrl  # noqa: E402,F401  (its XLA:CPU flags must be set before the backend starts)
+
 jax.config.update("jax_num_cpu_devices", 8)
 
 from pathlib import Path  # noqa: E402
