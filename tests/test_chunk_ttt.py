@@ -5,6 +5,7 @@ shared by the module, so the rollouts compile once."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -221,13 +222,25 @@ def test_oracles_and_gates_spend_what_they_are_told(setup):
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    """A tiny GPT-2 in HF layout with GPT-2's vocabulary (so the shipped tokenizer matches)."""
-    from jaxrl.data.tokenizer import Tokenizer
+    """A tiny GPT-2 in HF layout and, in `tok/`, a 384-id byte-level BPE trained here on the
+    json package it reads (GPT-2's 50k-id head would make every inner step ~100x dearer)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer.gpt2()
-    cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size, pad_id=tok.pad_id, pad_vocab_to=128,
-                              n_positions=32)
+    from jaxrl.data.tokenizer import EOT_TOKEN, PAD_TOKEN, Tokenizer
+
     path = tmp_path_factory.mktemp("base")
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    texts = [f.read_text() for f in sorted(Path(json.__file__).parent.glob("*.py"))]
+    hf.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=382, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    hf.add_special_tokens([EOT_TOKEN, PAD_TOKEN])
+    (path / "tok").mkdir()
+    hf.save(str(path / "tok" / "tokenizer.json"))
+    tok = Tokenizer.load(path / "tok")
+    cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size, pad_id=tok.pad_id, n_positions=32)
     gpt2.save_pretrained(gpt2.GPT2(cfg, rngs=nnx.Rngs(0)), path)
     return path
 
@@ -236,7 +249,7 @@ def recipe_config(base, tmp_path, **overrides):
     from jaxrl.recipes import chunk_ttt as recipe
 
     data = {"base": str(base), "run": {"dir": str(tmp_path)},
-            "data": {"tokenizer": "gpt2", "chunk": 16, "max_chunks": 4, "train_docs": 16,
+            "data": {"tokenizer": str(base / "tok"), "chunk": 16, "max_chunks": 4, "train_docs": 16,
                      "eval_docs": 4, "pattern": "json/*.py", "eval_packages": ["json"]}}
     for key, value in overrides.items():
         node = data
@@ -256,9 +269,9 @@ def test_bad_inputs_fail_before_compiling(base_dir, tmp_path):
         ct.chunk_tokens([[1] * 40, [2] * 8], chunk=8, max_chunks=4, eot_id=EOT, pad_id=PAD,
                         names=["a.py", "tiny.py"])
     other = tmp_path / "other_vocab"
-    gpt2.save_pretrained(tiny_lm(), other)  # 258 ids, not GPT-2's
+    gpt2.save_pretrained(tiny_lm(), other)  # 258 ids, not the trained tokenizer's
     with pytest.raises(ConfigError, match="vocabulary of 257 ids"):
-        recipe.load_base(recipe_config(other, tmp_path))
+        recipe.load_base(recipe_config(other, tmp_path, **{"data.tokenizer": str(base_dir / "tok")}))
     with pytest.raises(ConfigError, match="n_positions"):
         recipe.load_base(recipe_config(base_dir, tmp_path, **{"data.chunk": 64}))
 
@@ -272,7 +285,7 @@ def test_tiny_run_pulls_the_policy_cost_down_to_its_budget(base_dir, tmp_path):
     from jaxrl.launch import main
 
     rc = main(["configs/chunk_ttt.yaml", f"run.dir={tmp_path}", f"base={base_dir}",
-               "data.tokenizer=gpt2", "data.chunk=16", "data.max_chunks=6", "data.train_docs=8",
+               f"data.tokenizer={base_dir / 'tok'}", "data.chunk=16", "data.max_chunks=6", "data.train_docs=8",
                "data.pattern=json/*.py", "data.eval_packages=[zz]", "rho=1.0", "budgets=[0.5]",
                "ppo.num_envs=16", "ppo.rollout_steps=6", "ppo.epochs=2", "ppo.minibatches=2",
                "fast.inner_lr=0.01", "ppo.lr=0.003", "ppo.target_kl=null", "ppo.ent_coef=0.03",

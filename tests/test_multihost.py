@@ -80,7 +80,8 @@ def test_default_ppo_job_on_two_processes_matches_one(tmp_path):
     assert "8 devices in 2 process(es)" in outs[0]
     assert (tmp_path / "multi" / "replays" / "ppo.jsonl").exists()  # process 0 alone, no hang
     assert len(losses(tmp_path / "multi")) == 3
-    assert losses(tmp_path / "multi") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    # reduction order differs between 1 x 8 and 2 x 4 devices: float noise only
+    assert losses(tmp_path / "multi") == pytest.approx(losses(tmp_path / "single"), rel=1e-4, abs=1e-7)
     # one writer: process 1 logs nothing of its own
     assert [r["step"] for r in read_jsonl(tmp_path / "multi" / "metrics.jsonl")
             if "loss" in r] == [1, 2, 3]
