@@ -264,3 +264,47 @@ def test_generate_continues_a_prompt(lms):
     prompt = jax.random.randint(jax.random.key(12), (2, 5), 0, PAD)
     out = jax.jit(lambda p, k: generate(model, p, k, max_new_tokens=4))(prompt, jax.random.key(0))
     assert out.shape == (2, 4) and bool(((out >= 0) & (out < PAD)).all())
+
+
+@pytest.mark.parametrize("kind", MODULES)
+def test_prefill_then_token_decode_gives_the_outputs_of_one_call(modules, kind):
+    """A 5-token prompt (chunks 4, units 2, M_memory 8, CMS periods 3 and 4), then 6 tokens one
+    at a time: every output equals the 11-token call's. Row 1 starts with 2 pad tokens."""
+    module, params, f = modules[kind]
+    graphdef = nnx.graphdef(module)
+    x = jax.random.normal(jax.random.key(14), (2, 11, D))
+    real = jnp.ones((2, 11), bool).at[1, :2].set(False)
+    whole, _ = f(params, x, real, module.init_fast(2))
+
+    @jax.jit
+    def decoded(params):
+        m = nnx.merge(graphdef, params)
+        y, dec = m.prefill(x[:, :5], real[:, :5], m.init_fast(2))
+        step = lambda dec, token: m.decode(*token, dec)[::-1]  # noqa: E731
+        _, ys = jax.lax.scan(step, dec, (jnp.moveaxis(x[:, 5:], 1, 0), real[:, 5:].T))
+        return jnp.concatenate([y, jnp.moveaxis(ys, 0, 1)], axis=1)
+
+    np.testing.assert_allclose(decoded(params), whole, atol=1e-6)
+
+
+DECODERS = {  # HopeConfig overrides of each decoder test
+    "titans_chunk_gates": dict(mixer="titans", memory=dataclasses.replace(
+        MEMORY, gate_granularity="chunk", read_after_write=True)),
+    "selfmod": dict(mixer="selfmod"),
+    "attention": dict(mixer="attention"),
+}
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+def test_recurrent_decode_gives_the_full_window_recompute(kind):
+    """Greedy, prompt 6, 7 new tokens: the decode crosses mixer chunk (4), unit (2), M_memory (8)
+    and CMS period (3, 8) boundaries from mid-chunk. Row 1's prompt is left-padded."""
+    model = HOPE(hope_config(n_layer=1, cms=CMSConfig(periods=(3, 8)), **DECODERS[kind]),
+                 rngs=nnx.Rngs(0))
+    prompt = jax.random.randint(jax.random.key(13), (2, 6), 0, PAD).at[1, :2].set(PAD)
+    run = lambda recompute: generate(  # noqa: E731
+        model, prompt, jax.random.key(0), max_new_tokens=7, temperature=0.0, recompute=recompute,
+        return_logits=True)
+    (tokens, logits), (ref_tokens, ref_logits) = jax.jit(lambda: (run(False), run(True)))()
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    np.testing.assert_allclose(logits[..., :PAD], ref_logits[..., :PAD], atol=1e-5)

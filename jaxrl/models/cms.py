@@ -6,7 +6,9 @@ Its MLP weights are fast state: constant inside a chunk of C_l tokens, then
 chunk-start weights (spec §4.1). Because the weights are constant inside a chunk, the token
 buffer of a level is kept as the running sum of its pending tokens' gradients plus a token
 count (`CMSState.count`): equivalent to buffering the tokens, and counted in tokens across
-calls, not in calls. `flush_partial` applies a partial chunk at the end of each call.
+calls, not in calls. `flush_partial` applies a partial chunk at the end of each call; a
+decode (`prefill`, then `decode` one token at a time) never flushes, so each token sees the
+weights the whole sequence in one call gives it.
 
 The local objective (`objective: local`) is an associative reconstruction loss,
 `||MLP(LN(x_t)) - sg(LN(x_t))||^2`: each level stores what passes through it, at the scale of
@@ -77,8 +79,14 @@ def level_delta(weights, h):
     return jax.nn.gelu(h @ w_in) @ w_out
 
 
+def local_loss(w, x, mask, norm):
+    """Associative reconstruction loss of tokens x [n, d] (mask [n]) at one level's weights."""
+    h = norm(x)
+    return jnp.sum(mask[:, None] * (level_delta(w, h) - jax.lax.stop_gradient(h)) ** 2)
+
+
 def run_level(weights, pending, count, x, real, *, norm, period: int, cfg: CMSConfig,
-              writes: Writes):
+              writes: Writes, flush: bool):
     """One level over one example's call. x: [T, d]; real: [T] bool. -> (y, weights', pending').
 
     The call is placed at offset `count % period` in a buffer of whole chunks, so chunk j of
@@ -94,17 +102,13 @@ def run_level(weights, pending, count, x, real, *, norm, period: int, cfg: CMSCo
     complete = ends <= offset + T
     last = jnp.arange(n_chunks) == (offset + T - 1) // period  # the chunk holding the last token
 
-    def local_loss(w, xc, mc):  # xc: [period, d]
-        h = norm(xc)
-        return jnp.sum(mc[:, None] * (level_delta(w, h) - jax.lax.stop_gradient(h)) ** 2)
-
     @jax.checkpoint
     def chunk_step(carry, inputs):
         w, acc = carry
         xc, mc, done, is_last = inputs
         y = xc + clip_norm(level_delta(w, norm(xc)), cfg.residual_clip)  # [period, d]
-        acc = jax.tree.map(jnp.add, acc, jax.grad(local_loss)(w, xc, mc))
-        apply = done | (is_last & cfg.flush_partial)
+        acc = jax.tree.map(jnp.add, acc, jax.grad(local_loss)(w, xc, mc, norm))
+        apply = done | (is_last & flush)
         update = soft_clamp(acc, cfg.max_grad_norm)
         stepped = _write(w, jax.tree.map(lambda p, g: p - cfg.lr * g, w, update), writes)
         w = jax.tree.map(lambda a, b: jnp.where(apply, a, b), stepped, w)
@@ -116,6 +120,17 @@ def run_level(weights, pending, count, x, real, *, norm, period: int, cfg: CMSCo
         (buf.reshape(n_chunks, period, d), mask.reshape(n_chunks, period), complete, last))
     y = jax.lax.dynamic_slice(ys.reshape(n_chunks * period, d), (offset, 0), (T, d))  # [T, d]
     return y, weights, pending
+
+
+def level_token(weights, pending, count, x, real, *, norm, period: int, cfg: CMSConfig):
+    """`run_level` on one token x [d] of one example, never flushing. -> (y, weights', pending')."""
+    y = x + clip_norm(level_delta(weights, norm(x)), cfg.residual_clip)
+    grad = jax.grad(local_loss)(weights, x[None], real[None], norm)
+    pending = jax.tree.map(jnp.add, pending, grad)
+    done = count % period == period - 1  # this token completes its chunk
+    update = soft_clamp(pending, cfg.max_grad_norm)
+    stepped = jax.tree.map(lambda p, g: jnp.where(done, p - cfg.lr * g, p), weights, update)
+    return y, stepped, jax.tree.map(lambda g: jnp.where(done, 0.0, g), pending)
 
 
 class CMS(nnx.Module):
@@ -141,15 +156,36 @@ class CMS(nnx.Module):
         return CMSState(weights=weights, pending=jax.tree.map(jnp.zeros_like, weights),
                         count=jnp.zeros((batch_size,), jnp.int32))
 
-    def __call__(self, x, real, fast: CMSState):
-        """x: [B, T, d]; real: [B, T] bool. Each level sees the previous level's output."""
+    def __call__(self, x, real, fast: CMSState, *, flush: bool | None = None):
+        """x: [B, T, d]; real: [B, T] bool. Each level sees the previous level's output.
+
+        `flush` overrides `cfg.flush_partial` (`prefill` passes False).
+        """
+        flush = self.cfg.flush_partial if flush is None else flush
         h = x.astype(jnp.float32)
         weights, pending = [], []
         for norm, period, w, p in zip(self.norms, self.periods, fast.weights, fast.pending):
             level = lambda w, p, c, xb, rb, norm=norm, period=period: run_level(  # noqa: E731
-                w, p, c, xb, rb, norm=norm, period=period, cfg=self.cfg, writes=self.writes)
+                w, p, c, xb, rb, norm=norm, period=period, cfg=self.cfg, writes=self.writes,
+                flush=flush)
             h, w, p = jax.vmap(level)(w, p, fast.count, h, real)  # per example
             weights.append(w)
             pending.append(p)
         count = fast.count + x.shape[1]
         return h.astype(self.dtype), CMSState(tuple(weights), tuple(pending), count)
+
+    def prefill(self, x, real, fast: CMSState):
+        """`__call__` on a prompt without the flush: the state a `decode` continues from."""
+        return self(x, real, fast, flush=False)
+
+    def decode(self, x, real, fast: CMSState):
+        """One token x [B, d] (real [B] bool): `__call__` on it, never flushing. -> (y, fast')."""
+        h = x.astype(jnp.float32)
+        weights, pending = [], []
+        for norm, period, w, p in zip(self.norms, self.periods, fast.weights, fast.pending):
+            level = lambda w, p, c, xb, rb, norm=norm, period=period: level_token(  # noqa: E731
+                w, p, c, xb, rb, norm=norm, period=period, cfg=self.cfg)
+            h, w, p = jax.vmap(level)(w, p, fast.count, h, real)  # per example
+            weights.append(w)
+            pending.append(p)
+        return h.astype(self.dtype), CMSState(tuple(weights), tuple(pending), fast.count + 1)

@@ -11,9 +11,12 @@ call starts each example from the meta-learned initial fast state (the slow para
 carry the memories across calls. `save_pretrained` / `from_pretrained` write and read the
 export the evaluations load (config.json with model_type "hope" + model.safetensors).
 
-Generation (`generate`) recomputes the whole window for each new token: simple and exact,
-O(T^2). A recurrent-state decoder is not built yet (it needs the mixers' chunk grid and conv
-history carried across calls, see `titans`).
+Generation (`generate`) is a recurrent-state decoder: `HOPE.prefill` runs the prompt once and
+returns a `HopeDecode` (per layer the mixer's decode state: its memories at the current chunk's
+start plus the chunk's progress and the conv's last inputs, or the attention variant's KV cache;
+and the CMS levels with their pending gradients), and `HOPE.decode` costs one token's forward.
+Its logits equal those of the full forward on the whole window; `generate(..., recompute=True)`
+re-runs that forward per token instead (O(T^2), the reference the tests hold the decoder to).
 """
 
 from __future__ import annotations
@@ -85,6 +88,16 @@ class HopeState:
     cms: tuple  # per layer CMSState
 
 
+@flax.struct.dataclass
+class HopeDecode:
+    """Everything the next token's forward depends on (see the module docstring)."""
+
+    mixer: tuple  # per layer TitansDecode | SelfModDecode | (keys, values) [B, H, S, D]
+    cms: tuple  # per layer CMSState, never flushed
+    valid: jax.Array  # [B, S] bool: slots holding real tokens (attention's keys and positions)
+    index: jax.Array  # [] int32: the next token's slot
+
+
 class HopeBlock(nnx.Module):
     """x + mixer(x), then CMS(x). -> (x, (mixer state, CMS state))."""
 
@@ -114,6 +127,32 @@ class HopeBlock(nnx.Module):
         else:
             h, mixer_fast = self.mixer(x, real, mixer_fast)
         x, cms_fast = self.cms(x + h, real, cms_fast)
+        return x, (mixer_fast, cms_fast)
+
+    def prefill(self, x, real, attend, fast, max_len: int):
+        """`__call__` on a prompt, returning decode states; attention writes slots 0..P-1 of S."""
+        mixer_fast, cms_fast = fast
+        if self.mixer_kind == "attention":
+            cfg = self.mixer.cfg
+            empty = jnp.zeros((x.shape[0], cfg.n_head, max_len, cfg.head_dim), x.dtype)
+            h, mixer_fast = self.mixer(self.ln(x), attend, deterministic=True, rngs=None,
+                                       cached=(empty, empty, 0))
+        else:
+            h, mixer_fast = self.mixer.prefill(x, real, mixer_fast)
+        x, cms_fast = self.cms.prefill(x + h, real, cms_fast)
+        return x, (mixer_fast, cms_fast)
+
+    def decode(self, x, real, attend, index, fast):
+        """One token x [B, d] (attend [B, 1, S] for attention, written at slot `index`)."""
+        mixer_fast, cms_fast = fast
+        if self.mixer_kind == "attention":
+            keys, values = mixer_fast
+            h, mixer_fast = self.mixer(self.ln(x)[:, None], attend, deterministic=True, rngs=None,
+                                       cached=(keys, values, index))
+            h = h[:, 0]
+        else:
+            h, mixer_fast = self.mixer.decode(x, real, mixer_fast)
+        x, cms_fast = self.cms.decode(x + h, real, cms_fast)
         return x, (mixer_fast, cms_fast)
 
 
@@ -162,12 +201,66 @@ class HOPE(nnx.Module):
             x, (mixer_fast, cms_fast) = block(x, real, attend, (mixer_fast, cms_fast))
             mixers.append(mixer_fast)
             cmss.append(cms_fast)
-        logits = self.wte.attend(self.ln_f(x)).astype(jnp.float32)
-        ids = jnp.arange(cfg.embedding_rows)
-        logits = jnp.where((ids == cfg.pad_id) | (ids >= cfg.vocab_size), -1e9, logits)
+        logits = self._logits(x)
         if fast is None:
             return logits
         return logits, HopeState(mixer=tuple(mixers), cms=tuple(cmss))
+
+    def prefill(self, tokens, attention_mask=None, *, max_len: int):
+        """Run a prompt [B, P] from the initial fast state, for a decode of up to `max_len` slots.
+
+        -> (logits [B, P, embedding_rows], HopeDecode): the logits of `__call__`.
+        """
+        cfg = self.cfg
+        B, P = tokens.shape
+        real = tokens != cfg.pad_id
+        if attention_mask is not None:
+            real &= attention_mask.astype(bool)
+        state = self.init_fast(B)
+        valid = jnp.zeros((B, max_len), bool).at[:, :P].set(real)
+        x = self.wte(tokens)
+        attend = None
+        if cfg.mixer == "attention":
+            positions = jnp.maximum(jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1, 0)
+            x = x + self.wpe(positions)
+            causal = jnp.arange(max_len)[None, :] <= jnp.arange(P)[:, None]  # [P, S]
+            attend = causal[None] & valid[:, None, :]  # [B, P, S]
+        mixers, cmss = [], []
+        for block, mixer_fast, cms_fast in zip(self.h, state.mixer, state.cms):
+            x, (mixer_fast, cms_fast) = block.prefill(x, real, attend, (mixer_fast, cms_fast),
+                                                      max_len)
+            mixers.append(mixer_fast)
+            cmss.append(cms_fast)
+        decode = HopeDecode(mixer=tuple(mixers), cms=tuple(cmss), valid=valid,
+                            index=jnp.asarray(P, jnp.int32))
+        return self._logits(x), decode
+
+    def decode(self, token, state: HopeDecode):
+        """One token [B] after `state` -> (next-token logits [B, embedding_rows], state')."""
+        cfg = self.cfg
+        real = token != cfg.pad_id
+        valid = jax.lax.dynamic_update_slice(state.valid, real[:, None], (0, state.index))
+        x = self.wte(token)  # [B, d]
+        attend = None
+        if cfg.mixer == "attention":
+            before = state.valid.sum(axis=1, dtype=jnp.int32)  # real tokens so far
+            x = x + self.wpe(jnp.maximum(before + real - 1, 0))
+            attend = ((jnp.arange(valid.shape[1]) <= state.index)[None] & valid)[:, None]
+        mixers, cmss = [], []
+        for block, mixer_fast, cms_fast in zip(self.h, state.mixer, state.cms):
+            x, (mixer_fast, cms_fast) = block.decode(x, real, attend, state.index,
+                                                     (mixer_fast, cms_fast))
+            mixers.append(mixer_fast)
+            cmss.append(cms_fast)
+        return self._logits(x), HopeDecode(mixer=tuple(mixers), cms=tuple(cmss), valid=valid,
+                                           index=state.index + 1)
+
+    def _logits(self, x):
+        """Tied-head logits [..., embedding_rows] float32; pad and padding rows never predicted."""
+        cfg = self.cfg
+        logits = self.wte.attend(self.ln_f(x)).astype(jnp.float32)
+        ids = jnp.arange(cfg.embedding_rows)
+        return jnp.where((ids == cfg.pad_id) | (ids >= cfg.vocab_size), -1e9, logits)
 
 
 def parameter_count(model: nnx.Module) -> int:
@@ -228,22 +321,63 @@ def from_pretrained(path: str | Path) -> tuple[HOPE, str]:
     return model, saved.get("tokenizer", "gpt2")
 
 
-def generate(model: HOPE, prompt, key, *, max_new_tokens: int, temperature: float = 1.0):
+@flax.struct.dataclass
+class _Sampling:
+    """The decode loop's carry."""
+
+    tokens: jax.Array  # [B, max_new_tokens] int32, filled left to right (pad_id until drawn)
+    logits: jax.Array  # [B, max_new_tokens or 0, embedding_rows]: what each token was drawn from
+    next_logits: jax.Array | None  # [B, embedding_rows] the recurrent decode's next token's
+    state: HopeDecode | None  # the recurrent decode's
+    key: jax.Array
+
+
+def generate(model: HOPE, prompt, key, *, max_new_tokens: int, temperature: float = 1.0,
+             recompute: bool = False, return_logits: bool = False):
     """Sample `max_new_tokens` after a right-aligned `prompt` [B, P] (no pad inside it).
 
-    Recomputes the whole window each step (exact, O(T^2)); returns tokens [B, max_new_tokens].
+    One `fori_loop`, jittable. The recurrent decode prefills the prompt once, then costs one
+    token's forward per token; `recompute=True` re-runs the whole window per token instead
+    (O(T^2)). Their logits agree (to float32 rounding) and they draw with the same key stream.
+
+    Args:
+      model: a `HOPE`.
+      prompt: [B, P] int32.
+      key: PRNG key.
+      temperature: the logits are divided by it (near 0: greedy).
+      recompute: decode by full-window recompute (the exact reference).
+      return_logits: also return the logits each token was drawn from.
+
+    Returns:
+      tokens [B, max_new_tokens] int32; with `return_logits`, also the logits
+      [B, max_new_tokens, embedding_rows] float32.
     """
     B, P = prompt.shape
-    window = jnp.full((B, P + max_new_tokens), model.cfg.pad_id, jnp.int32)
-    window = window.at[:, :P].set(prompt)
-    graphdef, state = nnx.split(model)
+    cfg = model.cfg
+    graphdef, params = nnx.split(model)
 
-    def step(i, carry):
-        window, key = carry
-        key, sub = jax.random.split(key)
-        logits = nnx.merge(graphdef, state)(window)[:, P + i - 1]  # causal: the tail is unseen
+    def draw(c: _Sampling, i, logits):  # token i from its logits [B, V]
+        key, sub = jax.random.split(c.key)
         token = jax.random.categorical(sub, logits / max(temperature, 1e-6))
-        return window.at[:, P + i].set(token), key
+        saved = c.logits.at[:, i].set(logits) if return_logits else c.logits
+        return token, c.replace(tokens=c.tokens.at[:, i].set(token), logits=saved, key=key)
 
-    window, _ = jax.lax.fori_loop(0, max_new_tokens, step, (window, key))
-    return window[:, P:]
+    start = _Sampling(tokens=jnp.full((B, max_new_tokens), cfg.pad_id, jnp.int32),
+                      logits=jnp.zeros((B, max_new_tokens if return_logits else 0,
+                                        cfg.embedding_rows), jnp.float32),
+                      next_logits=None, state=None, key=key)
+    if recompute:
+        def step(i, c: _Sampling) -> _Sampling:
+            window = jnp.concatenate([prompt, c.tokens], axis=1)  # causal: the tail is unseen
+            return draw(c, i, nnx.merge(graphdef, params)(window)[:, P + i - 1])[1]
+    else:
+        logits, state = nnx.merge(graphdef, params).prefill(prompt, max_len=P + max_new_tokens)
+        start = start.replace(next_logits=logits[:, -1], state=state)
+
+        def step(i, c: _Sampling) -> _Sampling:
+            token, c = draw(c, i, c.next_logits)
+            next_logits, state = nnx.merge(graphdef, params).decode(token, c.state)
+            return c.replace(next_logits=next_logits, state=state)
+
+    end = jax.lax.fori_loop(0, max_new_tokens, step, start)
+    return (end.tokens, end.logits) if return_logits else end.tokens

@@ -12,7 +12,11 @@ the initial weights and the gates through every write; each chunk is `jax.checkp
 initial weights still get first-order gradients through the reads).
 
 Known limits: the chunk grid restarts at every call and the causal conv starts each call with
-an empty history, so a sequence fed in several calls is not bit-equal to one call.
+an empty history, so a sequence fed in several calls is not bit-equal to one call. Token-by-token
+decoding does not go through calls: `prefill` runs a prompt and returns a decode state
+(`TitansDecode`, `SelfModDecode`) that also holds the current chunk's partial progress and the
+conv's last inputs, and `decode` advances it by one token, giving the outputs the chunked
+forward gives on the whole sequence (inference only: the decode path has no `writes` mode).
 """
 
 from __future__ import annotations
@@ -109,6 +113,18 @@ class CausalConv(nnx.Module):
         kernel = self.kernel[...].astype(x.dtype)
         return sum(kernel[j] * padded[:, width - 1 - j: width - 1 - j + T] for j in range(width))
 
+    def history(self, x):
+        """The last width-1 inputs of x [B, T, C] (zeros before its start): a decode's state."""
+        width, T = self.kernel.shape[0], x.shape[1]
+        return jnp.pad(x, ((0, 0), (width - 1, 0), (0, 0)))[:, T:]  # [B, width-1, C]
+
+    def step(self, x, history):
+        """One token x [B, C] after `history` [B, width-1, C] (oldest first). -> (y, history')."""
+        width = self.kernel.shape[0]
+        window = jnp.concatenate([history, x[:, None]], axis=1)  # [B, width, C], newest last
+        kernel = self.kernel[...].astype(x.dtype)
+        return sum(kernel[j] * window[:, width - 1 - j] for j in range(width)), window[:, 1:]
+
 
 def pad_to_chunks(x, chunk: int):
     """[B, T, ...] -> [B, N*chunk, ...] with N = ceil(T / chunk) (zeros at the end)."""
@@ -157,6 +173,11 @@ class TitansState:
     momentum: tuple
 
 
+def titans_loss(w, k, v, theta):
+    """The theta-weighted associative loss of one token (the memory's inner objective)."""
+    return theta * jnp.mean((memory_mlp(w, k) - v) ** 2)
+
+
 @flax.struct.dataclass
 class TitansChunk:
     """One chunk of one head's inputs (the scan's xs)."""
@@ -178,11 +199,7 @@ def titans_chunk(state: tuple, chunk: TitansChunk, *, cfg: MemoryConfig, writes:
     weights, momentum = state
     C, U = chunk.k.shape[0], chunk.eta.shape[0]
     unit = C // U
-
-    def inner_loss(w, k, v, theta):  # theta-weighted associative loss of one token
-        return theta * jnp.mean((memory_mlp(w, k) - v) ** 2)
-
-    grads = jax.vmap(jax.grad(inner_loss), in_axes=(None, 0, 0, 0))(
+    grads = jax.vmap(jax.grad(titans_loss), in_axes=(None, 0, 0, 0))(
         weights, chunk.k, chunk.v, chunk.theta)  # per layer [C, d_in, d_out]
     grads = jax.tree.map(lambda g: g.reshape(U, unit, *g.shape[1:]).sum(1), grads)  # [U, ...]
     clamp = lambda g: soft_clamp(g, cfg.max_surprise_norm)  # noqa: E731
@@ -202,6 +219,61 @@ def titans_chunk(state: tuple, chunk: TitansChunk, *, cfg: MemoryConfig, writes:
     read_weights = jax.tree.map(lambda w: w[read_unit], all_weights)  # per layer [C, d_in, d_out]
     y = jax.vmap(memory_mlp)(read_weights, chunk.q)  # [C, d_h]
     return new_state, y
+
+
+@flax.struct.dataclass
+class TitansDecode:
+    """Per-example state of a token-by-token decode: what the chunked forward lets token t see.
+
+    Gradients are taken at the chunk-start weights (`start`); reads see the weights after the
+    chunk's complete units (`weights`); the current unit's summed gradient and pooled gate input
+    wait in `grad` / `pooled` until the unit ends. Per layer [B, H, d_in, d_out] float32.
+    """
+
+    start: tuple
+    weights: tuple
+    momentum: tuple
+    grad: tuple  # summed gradient of the current, unfinished unit
+    pooled: jax.Array  # [B, d] sum of the unfinished unit's gate inputs
+    unit_real: jax.Array  # [B] bool: the unfinished unit holds a real token
+    conv: jax.Array  # [B, conv_width-1, 3d] the conv's last inputs
+    position: jax.Array  # [B] int32 tokens since the chunk grid's origin
+
+
+@flax.struct.dataclass
+class TitansToken:
+    """One token of one head (the decode step's inputs); gates as `TitansChunk` has them."""
+
+    q: jax.Array  # [d_h]
+    k: jax.Array
+    v: jax.Array
+    theta: jax.Array  # []
+    eta: jax.Array  # [] the current unit's, used when it ends here
+    alpha: jax.Array
+    unit_real: jax.Array  # [] bool
+    unit_end: jax.Array  # [] bool: this token completes its unit
+    chunk_end: jax.Array  # [] bool: ... and its chunk
+
+
+def titans_token(state: tuple, tok: TitansToken, *, cfg: MemoryConfig):
+    """`titans_chunk` one token at a time: add its gradient, apply the unit when it ends. One head.
+
+    state: (start, weights, momentum, grad). Returns (state', y [d_h]).
+    """
+    start, weights, momentum, grad = state
+    grad = jax.tree.map(jnp.add, grad, jax.grad(titans_loss)(start, tok.k, tok.v, tok.theta))
+    surprise = jax.tree.map(jnp.negative, soft_clamp(grad, cfg.max_surprise_norm))
+    eta = jnp.where(tok.unit_real, tok.eta, 1.0)
+    moved = jax.tree.map(lambda m, s: eta * m + s, momentum, surprise)
+    decay = jnp.where(tok.unit_real, 1.0 - tok.alpha, 1.0)
+    stepped = jax.tree.map(lambda w, m: decay * w + m * tok.unit_real, weights, moved)
+    at_end = lambda new, old: jax.tree.map(  # noqa: E731
+        lambda a, b: jnp.where(tok.unit_end, a, b), new, old)
+    read = at_end(stepped, weights) if cfg.read_after_write else weights
+    weights, momentum = at_end(stepped, weights), at_end(moved, momentum)
+    grad = at_end(jax.tree.map(jnp.zeros_like, grad), grad)
+    start = jax.tree.map(lambda w, s: jnp.where(tok.chunk_end, w, s), weights, start)
+    return (start, weights, momentum, grad), memory_mlp(read, tok.q)
 
 
 class TitansMemory(nnx.Module):
@@ -238,14 +310,64 @@ class TitansMemory(nnx.Module):
 
     def __call__(self, x, real, fast: TitansState):
         """x: [B, T, d]; real: [B, T] bool (pad tokens write nothing). -> (y, fast')."""
-        cfg = self.cfg
+        h = self.norm(x)
+        y, (weights, momentum) = self._chunks(h, *self._qkv(self.conv(self.qkv(h))), real,
+                                              (fast.weights, fast.momentum))
+        return self._output(y, h), TitansState(weights=weights, momentum=momentum)
+
+    def prefill(self, x, real, fast: TitansState):
+        """`__call__`'s outputs on a prompt x [B, T, d], and the decode state after its last token.
+
+        Whole chunks go through the chunked scan; the partial chunk at the end, token by token.
+        """
         B, T, d = x.shape
+        T0 = T - T % self.cfg.chunk_size
+        h = self.norm(x)
+        pre = self.qkv(h)  # [B, T, 3d]
+        q, k, v = self._qkv(self.conv(pre))  # [B, T, H, d_h] each
+        ys, state = [], (fast.weights, fast.momentum)
+        if T0:
+            y, state = self._chunks(h[:, :T0], q[:, :T0], k[:, :T0], v[:, :T0], real[:, :T0], state)
+            ys.append(y)
+        weights, momentum = state
+        dec = TitansDecode(start=weights, weights=weights, momentum=momentum,
+                           grad=jax.tree.map(jnp.zeros_like, weights),
+                           pooled=jnp.zeros((B, d), jnp.float32),
+                           unit_real=jnp.zeros((B,), bool), conv=self.conv.history(pre),
+                           position=jnp.full((B,), T0, jnp.int32))
+        if T > T0:
+            time_major = lambda a: jnp.moveaxis(a[:, T0:], 1, 0)  # noqa: E731
+            dec, y = jax.lax.scan(lambda dec, tok: self._advance(dec, *tok), dec,
+                                  tuple(map(time_major, (h.astype(jnp.float32), q, k, v, real))))
+            ys.append(jnp.moveaxis(y, 0, 1))  # [B, T - T0, d]
+        return self._output(jnp.concatenate(ys, axis=1), h), dec
+
+    def decode(self, x, real, dec: TitansDecode):
+        """One token x [B, d] (real [B] bool) after `dec`. -> (y [B, d], dec')."""
+        h = self.norm(x)
+        conv, history = self.conv.step(self.qkv(h), dec.conv)
+        dec, y = self._advance(dec.replace(conv=history), h.astype(jnp.float32),
+                               *self._qkv(conv), real)
+        return self._output(y, h), dec
+
+    def _qkv(self, conv):
+        """Conv output [..., 3d] -> q, k (unit norm), v [..., H, d_h] float32."""
+        H = self.cfg.heads
+        qkv = jax.nn.silu(conv).astype(jnp.float32)
+        q, k, v = jnp.moveaxis(qkv.reshape(*qkv.shape[:-1], 3, H, -1), -3, 0)
+        return l2_normalize(q), l2_normalize(k), v
+
+    def _output(self, y, h):
+        """Memory reads y [..., d] float32 -> the mixer's output, gated by the normed input h."""
+        y = y.astype(self.dtype) * jax.nn.sigmoid(self.retrieve_gate(h))
+        return self.out(y)
+
+    def _chunks(self, h, q, k, v, real, state):
+        """The chunked scan: h [B, T, d]; q, k, v [B, T, H, d_h]. -> (y [B, T, d], state')."""
+        cfg = self.cfg
+        B, T, d = h.shape
         H, dh, C = cfg.heads, d // cfg.heads, cfg.chunk_size
         unit = 1 if cfg.gate_granularity == "token" else cfg.unit_size
-        h = self.norm(x)
-        qkv = jax.nn.silu(self.conv(self.qkv(h))).astype(jnp.float32)  # [B, T, 3d]
-        q, k, v = qkv.reshape(B, T, 3, H, dh).transpose(2, 0, 3, 1, 4)  # [B, H, T, d_h] each
-        q, k = l2_normalize(q), l2_normalize(k)
         gate_in = pad_to_chunks(h.astype(jnp.float32), C)  # [B, Tp, d]
         realp = pad_to_chunks(real, C)  # [B, Tp]
         Tp = gate_in.shape[1]
@@ -263,10 +385,9 @@ class TitansMemory(nnx.Module):
 
         heads_last = lambda a: jnp.broadcast_to(  # noqa: E731
             a, (B, a.shape[1], H)).transpose(0, 2, 1)  # [B, H, ...]
+        per_head = lambda a: chunks(pad_to_chunks(a, C).transpose(0, 2, 1, 3), C)  # noqa: E731
         xs = TitansChunk(
-            q=chunks(pad_to_chunks(q.transpose(0, 2, 1, 3), C).transpose(0, 2, 1, 3), C),
-            k=chunks(pad_to_chunks(k.transpose(0, 2, 1, 3), C).transpose(0, 2, 1, 3), C),
-            v=chunks(pad_to_chunks(v.transpose(0, 2, 1, 3), C).transpose(0, 2, 1, 3), C),
+            q=per_head(q), k=per_head(k), v=per_head(v),  # [N, B, H, C, d_h]
             theta=chunks(theta.transpose(0, 2, 1), C),  # [N, B, H, C]
             eta=chunks(eta.transpose(0, 2, 1), U),  # [N, B, H, U]
             alpha=chunks(alpha.transpose(0, 2, 1), U),
@@ -278,11 +399,35 @@ class TitansMemory(nnx.Module):
         def body(state, chunk):
             return step(state, chunk)  # over B, then H
 
-        (weights, momentum), ys = jax.lax.scan(body, (fast.weights, fast.momentum), xs)
+        state, ys = jax.lax.scan(body, state, xs)
         y = jnp.moveaxis(ys, 0, 2).reshape(B, H, Tp, dh)[:, :, :T]  # [B, H, T, d_h]
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, d).astype(self.dtype)  # [B, T, d]
-        y = y * jax.nn.sigmoid(self.retrieve_gate(h))
-        return self.out(y), TitansState(weights=weights, momentum=momentum)
+        return y.transpose(0, 2, 1, 3).reshape(B, T, d), state
+
+    def _advance(self, dec: TitansDecode, h, q, k, v, real):
+        """One token through the memory: h [B, d] float32; q, k, v [B, H, d_h]; real [B].
+
+        -> (dec', y [B, d] float32), a scan body's order."""
+        cfg = self.cfg
+        B, H, dh = q.shape
+        unit = 1 if cfg.gate_granularity == "token" else cfg.unit_size
+        pooled = dec.pooled + h
+        theta_logit, _, _ = jnp.split(self.gates(h), 3, axis=-1)  # [B, H]
+        _, eta_logit, alpha_logit = jnp.split(self.gates(pooled / unit), 3, axis=-1)  # [B, H]
+        unit_real = dec.unit_real | real
+        unit_end = dec.position % unit == unit - 1  # [B]
+        per_head = lambda a: jnp.broadcast_to(a[:, None], (B, H))  # noqa: E731
+        tok = TitansToken(
+            q=q, k=k, v=v, theta=jax.nn.sigmoid(theta_logit) * cfg.max_lr * real[:, None],
+            eta=jax.nn.sigmoid(eta_logit), alpha=jax.nn.sigmoid(alpha_logit),
+            unit_real=per_head(unit_real), unit_end=per_head(unit_end),
+            chunk_end=per_head(dec.position % cfg.chunk_size == cfg.chunk_size - 1))
+        step = jax.vmap(jax.vmap(lambda s, t: titans_token(s, t, cfg=cfg)))  # over B, then H
+        (start, weights, momentum, grad), y = step(
+            (dec.start, dec.weights, dec.momentum, dec.grad), tok)  # y [B, H, d_h]
+        dec = dec.replace(start=start, weights=weights, momentum=momentum, grad=grad,
+                          pooled=jnp.where(unit_end[:, None], 0.0, pooled),
+                          unit_real=unit_real & ~unit_end, position=dec.position + 1)
+        return dec, y.reshape(B, H * dh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,23 +471,25 @@ class SelfModChunk:
     publish: jax.Array  # [] bool: M_memory becomes visible after this chunk
 
 
-def selfmod_chunk(state: tuple, chunk: SelfModChunk, *, cfg: MemoryConfig, writes: Writes,
-                  eta_bias, alpha_bias):
-    """Generate k, v, eta, alpha, targets and reads at the chunk-boundary state; then DGD."""
-    memories, visible = state
-    vectors = apply_group(memories["vectors"], chunk.x)  # [G, C, d_h]
+def selfmod_inputs(memories, x, q, real, *, cfg: MemoryConfig, eta_bias, alpha_bias):
+    """k, v, q, eta, alpha of tokens x, q [C, d_h] (real [C]) generated by `memories`."""
+    vectors = apply_group(memories["vectors"], x)  # [G, C, d_h]
     k, v = l2_normalize(vectors[0]), vectors[1]  # [C, d_h]
-    q = l2_normalize(vectors[3] if cfg.adaptive_q else chunk.q)
-    gates = apply_group(memories["gates"], chunk.x)[..., 0]  # [2, C]
+    q = l2_normalize(vectors[3] if cfg.adaptive_q else q)
+    gates = apply_group(memories["gates"], x)[..., 0]  # [2, C]
     eta = cfg.max_lr * jax.nn.sigmoid(gates[0] + eta_bias)  # bounded inner lr
     alpha = jax.nn.sigmoid(gates[1] + alpha_bias)  # retention
-    eta, alpha = jnp.where(chunk.real, eta, 0.0), jnp.where(chunk.real, alpha, 1.0)  # [C]
-    y = jax.vmap(selfmod_apply, in_axes=(None, 0))(visible, q)  # [C, d_h]
+    eta, alpha = jnp.where(real, eta, 0.0), jnp.where(real, alpha, 1.0)  # [C]
+    return k, v, q, eta, alpha
+
+
+def selfmod_grads(memories, k, v, *, cfg: MemoryConfig):
+    """Per memory, per token: the clamped inner-loss gradient at `memories`, [G, C, ...]."""
 
     def inner_loss(mem, k_t, target):
         return jnp.sum((selfmod_apply(mem, k_t) - target) ** 2)
 
-    def group_grads(group):  # per memory, per token: grad at the boundary state
+    def group_grads(group):
         vhat = apply_group(group, v)  # [G, C, out]: each memory makes its own target
         if cfg.stopgrad_vhat:
             vhat = jax.lax.stop_gradient(vhat)
@@ -351,23 +498,74 @@ def selfmod_chunk(state: tuple, chunk: SelfModChunk, *, cfg: MemoryConfig, write
         clamp = lambda g: soft_clamp(g, cfg.max_surprise_norm)  # noqa: E731
         return jax.vmap(jax.vmap(clamp))(grads)
 
-    grads = {name: group_grads(group) for name, group in memories.items()}
+    return {name: group_grads(group) for name, group in memories.items()}
 
-    def dgd(mems, t):  # one token's write to every memory (state-only carry)
-        new = {}
-        for name, (w2, w1) in mems.items():  # w2 [G, d_h, hid], w1 [G, hid, out]
-            g2, g1 = (g[:, t] for g in grads[name])
-            decayed = alpha[t] * w2
-            if cfg.dgd_precond_target == "input":  # W2 (alpha I - eta k k^T), without a d x d
-                decayed = decayed - eta[t] * jnp.einsum("d,gh->gdh", k[t], k[t] @ w2)
-            new[name] = (decayed - eta[t] * g2, alpha[t] * w1 - eta[t] * g1)
-        return new, None
 
-    written, _ = jax.lax.scan(dgd, memories, jnp.arange(k.shape[0]))
+def dgd_write(memories, grads, t, k, eta, alpha, *, cfg: MemoryConfig):
+    """Token t's write to every memory: grads from `selfmod_grads`; k [C, d_h]; eta, alpha [C]."""
+    new = {}
+    for name, (w2, w1) in memories.items():  # w2 [G, d_h, hid], w1 [G, hid, out]
+        g2, g1 = (g[:, t] for g in grads[name])
+        decayed = alpha[t] * w2
+        if cfg.dgd_precond_target == "input":  # W2 (alpha I - eta k k^T), without a d x d
+            decayed = decayed - eta[t] * jnp.einsum("d,gh->gdh", k[t], k[t] @ w2)
+        new[name] = (decayed - eta[t] * g2, alpha[t] * w1 - eta[t] * g1)
+    return new
+
+
+def selfmod_chunk(state: tuple, chunk: SelfModChunk, *, cfg: MemoryConfig, writes: Writes,
+                  eta_bias, alpha_bias):
+    """Generate k, v, eta, alpha, targets and reads at the chunk-boundary state; then DGD."""
+    memories, visible = state
+    k, v, q, eta, alpha = selfmod_inputs(memories, chunk.x, chunk.q, chunk.real, cfg=cfg,
+                                         eta_bias=eta_bias, alpha_bias=alpha_bias)
+    y = jax.vmap(selfmod_apply, in_axes=(None, 0))(visible, q)  # [C, d_h]
+    grads = selfmod_grads(memories, k, v, cfg=cfg)
+    written, _ = jax.lax.scan(  # token by token, state-only carry
+        lambda mems, t: (dgd_write(mems, grads, t, k, eta, alpha, cfg=cfg), None),
+        memories, jnp.arange(k.shape[0]))
     written = _write(memories, written, writes)
     memory = jax.tree.map(lambda w: w[2], written["vectors"])
     visible = jax.tree.map(lambda new, old: jnp.where(chunk.publish, new, old), memory, visible)
     return (written, visible), y
+
+
+@flax.struct.dataclass
+class SelfModDecode:
+    """Per-example state of a token-by-token decode (see `TitansDecode`).
+
+    A chunk's k, v, eta, alpha, targets and gradients come from the chunk-start memories
+    (`start`); the DGD writes of its tokens so far are in `memories`; reads use `visible`.
+    """
+
+    start: dict
+    memories: dict
+    visible: tuple
+    conv: jax.Array  # [B, conv_width-1, d] the conv's last inputs
+    position: jax.Array  # [B] int32 tokens since the chunk grid's origin
+
+
+@flax.struct.dataclass
+class SelfModToken:
+    x: jax.Array  # [d_h] conv'd head input
+    q: jax.Array  # [d_h]
+    real: jax.Array  # [] bool
+    chunk_end: jax.Array  # [] bool: the chunk's writes become the next chunk's start
+    publish: jax.Array  # [] bool: ... and M_memory becomes visible
+
+
+def selfmod_token(state: tuple, tok: SelfModToken, *, cfg: MemoryConfig, eta_bias, alpha_bias):
+    """`selfmod_chunk` one token at a time. state: (start, memories, visible) of one head."""
+    start, memories, visible = state
+    k, v, q, eta, alpha = selfmod_inputs(start, tok.x[None], tok.q[None], tok.real[None],
+                                         cfg=cfg, eta_bias=eta_bias, alpha_bias=alpha_bias)
+    y = selfmod_apply(visible, q[0])  # [d_h]
+    grads = selfmod_grads(start, k, v, cfg=cfg)
+    memories = dgd_write(memories, grads, 0, k, eta, alpha, cfg=cfg)
+    start = jax.tree.map(lambda w, s: jnp.where(tok.chunk_end, w, s), memories, start)
+    memory = jax.tree.map(lambda w: w[2], memories["vectors"])
+    visible = jax.tree.map(lambda w, old: jnp.where(tok.publish, w, old), memory, visible)
+    return (start, memories, visible), y
 
 
 class SelfModTitans(nnx.Module):
@@ -406,23 +604,59 @@ class SelfModTitans(nnx.Module):
 
     def __call__(self, x, real, fast: SelfModState):
         """x: [B, T, d]; real: [B, T] bool. -> (y [B, T, d], fast')."""
+        x_in, q = jnp.split(self.inp(self.norm(x)), 2, axis=-1)  # [B, T, d] each
+        y, fast = self._chunks(self.conv(x_in).astype(jnp.float32), q.astype(jnp.float32), real,
+                               fast, publish_last=True)
+        return self.out(y.astype(self.dtype)), fast
+
+    def prefill(self, x, real, fast: SelfModState):
+        """`__call__`'s outputs on a prompt x [B, T, d], and the decode state after its last token.
+
+        Whole chunks go through the chunked scan (M_memory published on its own period only,
+        not at the prompt's end); the partial chunk at the end, token by token.
+        """
+        B, T, _ = x.shape
+        T0 = T - T % self.cfg.chunk_size
+        x_in, q = jnp.split(self.inp(self.norm(x)), 2, axis=-1)  # [B, T, d] each
+        conv, q = self.conv(x_in).astype(jnp.float32), q.astype(jnp.float32)
+        ys, state = [], fast
+        if T0:
+            y, state = self._chunks(conv[:, :T0], q[:, :T0], real[:, :T0], fast,
+                                    publish_last=False)
+            ys.append(y)
+        dec = SelfModDecode(start=state.memories, memories=state.memories, visible=state.visible,
+                            conv=self.conv.history(x_in), position=jnp.full((B,), T0, jnp.int32))
+        if T > T0:
+            time_major = lambda a: jnp.moveaxis(a[:, T0:], 1, 0)  # noqa: E731
+            dec, y = jax.lax.scan(lambda dec, tok: self._advance(dec, *tok), dec,
+                                  tuple(map(time_major, (conv, q, real))))
+            ys.append(jnp.moveaxis(y, 0, 1))  # [B, T - T0, d]
+        return self.out(jnp.concatenate(ys, axis=1).astype(self.dtype)), dec
+
+    def decode(self, x, real, dec: SelfModDecode):
+        """One token x [B, d] (real [B] bool) after `dec`. -> (y [B, d], dec')."""
+        x_in, q = jnp.split(self.inp(self.norm(x)), 2, axis=-1)  # [B, d] each
+        conv, history = self.conv.step(x_in, dec.conv)
+        dec, y = self._advance(dec.replace(conv=history), conv.astype(jnp.float32),
+                               q.astype(jnp.float32), real)
+        return self.out(y.astype(self.dtype)), dec
+
+    def _chunks(self, x, q, real, fast: SelfModState, *, publish_last: bool):
+        """The chunked scan over conv'd inputs x, q [B, T, d] float32. -> (y [B, T, d], fast')."""
         cfg = self.cfg
         B, T, d = x.shape
         H, dh, C = cfg.heads, d // cfg.heads, cfg.chunk_size
-        h = self.norm(x)
-        x_in, q = jnp.split(self.inp(h), 2, axis=-1)  # [B, T, d] each
-        x_in = self.conv(x_in).astype(jnp.float32)
 
         def chunks(a):  # [B, T, d] -> [N, B, H, C, d_h]
             a = pad_to_chunks(a, C)
             N = a.shape[1] // C
             return a.reshape(B, N, C, H, dh).transpose(1, 0, 3, 2, 4)
 
-        xs_x, xs_q = chunks(x_in), chunks(q.astype(jnp.float32))
+        xs_x, xs_q = chunks(x), chunks(q)
         N = xs_x.shape[0]
         realp = pad_to_chunks(real, C).reshape(B, N, C).transpose(1, 0, 2)  # [N, B, C]
         every = cfg.memory_chunk_size // C
-        publish = (jnp.arange(N) % every == every - 1) | (jnp.arange(N) == N - 1)  # [N]
+        publish = (jnp.arange(N) % every == every - 1) | (publish_last & (jnp.arange(N) == N - 1))
         xs = SelfModChunk(x=xs_x, q=xs_q,
                           real=jnp.broadcast_to(realp[:, :, None], (N, B, H, C)),
                           publish=jnp.broadcast_to(publish[:, None, None], (N, B, H)))
@@ -437,4 +671,24 @@ class SelfModTitans(nnx.Module):
 
         (memories, visible), ys = jax.lax.scan(body, (fast.memories, fast.visible), xs)
         y = ys.transpose(1, 0, 3, 2, 4).reshape(B, N * C, d)[:, :T]  # [B, T, d]
-        return self.out(y.astype(self.dtype)), SelfModState(memories=memories, visible=visible)
+        return y, SelfModState(memories=memories, visible=visible)
+
+    def _advance(self, dec: SelfModDecode, x, q, real):
+        """One token: conv'd x, q [B, d] float32; real [B]. -> (dec', y [B, d] float32)."""
+        cfg = self.cfg
+        B, d = x.shape
+        H, C = cfg.heads, cfg.chunk_size
+        chunk_end = dec.position % C == C - 1  # [B]
+        every = cfg.memory_chunk_size // C
+        publish = chunk_end & (dec.position // C % every == every - 1)
+        per_head = lambda a: jnp.broadcast_to(a[:, None], (B, H))  # noqa: E731
+        tok = SelfModToken(x=x.reshape(B, H, -1), q=q.reshape(B, H, -1), real=per_head(real),
+                           chunk_end=per_head(chunk_end), publish=per_head(publish))
+        one = lambda s, t, eb, ab: selfmod_token(s, t, cfg=cfg, eta_bias=eb,  # noqa: E731
+                                                 alpha_bias=ab)
+        step = jax.vmap(jax.vmap(one), in_axes=(0, 0, None, None))  # over B, then H
+        (start, memories, visible), y = step((dec.start, dec.memories, dec.visible), tok,
+                                             self.eta_bias[...], self.alpha_bias[...])
+        dec = dec.replace(start=start, memories=memories, visible=visible,
+                          position=dec.position + 1)
+        return dec, y.reshape(B, d)
