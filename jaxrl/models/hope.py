@@ -327,8 +327,7 @@ class _Sampling:
 
     tokens: jax.Array  # [B, max_new_tokens] int32, filled left to right (pad_id until drawn)
     logits: jax.Array  # [B, max_new_tokens or 0, embedding_rows]: what each token was drawn from
-    next_logits: jax.Array | None  # [B, embedding_rows] the recurrent decode's next token's
-    state: HopeDecode | None  # the recurrent decode's
+    state: HopeDecode | None  # the recurrent decode's, after the tokens drawn so far but the last
     key: jax.Array
 
 
@@ -356,28 +355,29 @@ def generate(model: HOPE, prompt, key, *, max_new_tokens: int, temperature: floa
     cfg = model.cfg
     graphdef, params = nnx.split(model)
 
-    def draw(c: _Sampling, i, logits):  # token i from its logits [B, V]
+    def draw(c: _Sampling, i, logits) -> _Sampling:  # token i from its logits [B, V]
         key, sub = jax.random.split(c.key)
         token = jax.random.categorical(sub, logits / max(temperature, 1e-6))
         saved = c.logits.at[:, i].set(logits) if return_logits else c.logits
-        return token, c.replace(tokens=c.tokens.at[:, i].set(token), logits=saved, key=key)
+        return c.replace(tokens=c.tokens.at[:, i].set(token), logits=saved, key=key)
 
     start = _Sampling(tokens=jnp.full((B, max_new_tokens), cfg.pad_id, jnp.int32),
                       logits=jnp.zeros((B, max_new_tokens if return_logits else 0,
                                         cfg.embedding_rows), jnp.float32),
-                      next_logits=None, state=None, key=key)
+                      state=None, key=key)
+    if not max_new_tokens:
+        return (start.tokens, start.logits) if return_logits else start.tokens
     if recompute:
         def step(i, c: _Sampling) -> _Sampling:
             window = jnp.concatenate([prompt, c.tokens], axis=1)  # causal: the tail is unseen
-            return draw(c, i, nnx.merge(graphdef, params)(window)[:, P + i - 1])[1]
+            return draw(c, i, nnx.merge(graphdef, params)(window)[:, P + i - 1])
     else:
         logits, state = nnx.merge(graphdef, params).prefill(prompt, max_len=P + max_new_tokens)
-        start = start.replace(next_logits=logits[:, -1], state=state)
 
-        def step(i, c: _Sampling) -> _Sampling:
-            token, c = draw(c, i, c.next_logits)
-            next_logits, state = nnx.merge(graphdef, params).decode(token, c.state)
-            return c.replace(next_logits=next_logits, state=state)
+        def step(i, c: _Sampling) -> _Sampling:  # feed token i-1, draw token i
+            logits, state = nnx.merge(graphdef, params).decode(c.tokens[:, i - 1], c.state)
+            return draw(c.replace(state=state), i, logits)
 
-    end = jax.lax.fori_loop(0, max_new_tokens, step, start)
+        start = draw(start.replace(state=state), 0, logits[:, -1])  # token 0: the prompt's last
+    end = jax.lax.fori_loop(0 if recompute else 1, max_new_tokens, step, start)
     return (end.tokens, end.logits) if return_logits else end.tokens

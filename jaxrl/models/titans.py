@@ -12,11 +12,12 @@ the initial weights and the gates through every write; each chunk is `jax.checkp
 initial weights still get first-order gradients through the reads).
 
 Known limits: the chunk grid restarts at every call and the causal conv starts each call with
-an empty history, so a sequence fed in several calls is not bit-equal to one call. Token-by-token
-decoding does not go through calls: `prefill` runs a prompt and returns a decode state
-(`TitansDecode`, `SelfModDecode`) that also holds the current chunk's partial progress and the
-conv's last inputs, and `decode` advances it by one token, giving the outputs the chunked
-forward gives on the whole sequence (inference only: the decode path has no `writes` mode).
+an empty history, so a sequence fed in several calls is not bit-equal to one call. Decoding
+avoids both: `prefill` runs a prompt (as a call, from a chunk-grid origin) and returns a decode
+state (`TitansDecode`, `SelfModDecode`) that also holds the current chunk's partial progress
+and the conv's last inputs; `decode` advances it one token at a time and gives the outputs the
+chunked forward gives on the whole sequence. The decode path is for inference: it applies
+writes directly, without a `writes` mode.
 """
 
 from __future__ import annotations
