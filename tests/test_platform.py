@@ -165,9 +165,9 @@ def test_fused_steps_equal_one_at_a_time_and_stop_at_every_cadence_point(tmp_pat
     calls = []
 
     class Counting(type(step)):
-        def steps(self, state, key, first, count):
+        def steps(self, state, key, first, count, length):
             calls.append((first, count))
-            return super().steps(state, key, first, count)
+            return super().steps(state, key, first, count, length)
 
     counted = Counting(toy_step, init.shardings, None, step._jit["out_shardings"][1], True)
     fused = train(cfg(tmp_path / "fused", 10, log_every=4, checkpoint_every=3), state=init,
@@ -175,6 +175,7 @@ def test_fused_steps_equal_one_at_a_time_and_stop_at_every_cadence_point(tmp_pat
     single = train(cfg(tmp_path / "single", 10, log_every=4, checkpoint_every=3,
                        max_fused_steps=1), state=init, step_fn=step, key=jax.random.key(1))
     assert calls == [(0, 3), (3, 1), (4, 2), (6, 2), (8, 1), (9, 1)]
+    assert len(counted._fused) == 1  # one program for the counts 3, 2 and 1
     np.testing.assert_array_equal(fused.state["w"], single.state["w"])
     rows = [read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("fused", "single")]
     assert [(r["step"], r["loss"]) for r in rows[0]] == [(r["step"], r["loss"]) for r in rows[1]]

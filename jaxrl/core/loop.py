@@ -120,6 +120,7 @@ def train(
 
     pending: list[tuple[int, int, dict]] = []  # (step after the call, steps in it, metrics)
     fuse = batches is None and loop.max_fused_steps > 1 and isinstance(step_fn, CompiledStep)
+    fused_length = min(loop.max_fused_steps, loop.steps)  # one compiled program for every count
     last: dict = {}
     evals: dict = {}
     evaluated_at = -1
@@ -135,7 +136,7 @@ def train(
             return
         host = []  # (step, metrics) per step; a fused call's metrics are stacked over its steps
         for (end, count), m in zip([p[:2] for p in pending], jax.device_get([p[2] for p in pending])):
-            host += [(end, m)] if count == 1 else [
+            host += [(end, m)] if not fuse else [
                 (end - count + 1 + i, {k: v[i] for k, v in m.items()}) for i in range(count)]
         for s, m in host:
             bad = {k: v for k, v in m.items() if not np.all(np.isfinite(v))}
@@ -174,7 +175,7 @@ def train(
                 began = time.perf_counter()
                 count = _fused_count(step, loop) if fuse else 1
                 if fuse:
-                    state, step_metrics = step_fn.steps(state, key, step, count)
+                    state, step_metrics = step_fn.steps(state, key, step, count, fused_length)
                 else:
                     batch = next(batches) if batches is not None else None
                     if batch is not None and mesh is not None:

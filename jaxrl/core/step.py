@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 from jax.sharding import Mesh
 
 from jaxrl.core.mesh import batch_sharding, replicated, state_shardings
@@ -75,17 +76,43 @@ class CompiledStep:
     def __call__(self, state, batch, key):
         return self._one(state, batch, key)
 
-    def steps(self, state, key: jax.Array, first: int, count: int):
+    def steps(self, state, key: jax.Array, first: int, count: int, length: int):
         """`count` steps without batches; step `first + i` uses `fold_in(key, first + i)`, as the
-        loop's one-step path does. -> (state, metrics stacked over the steps)."""
-        if count not in self._fused:
-            def fused(state, key, first):
-                def one(state, i):
-                    return self.step_fn(state, None, jax.random.fold_in(key, first + i))
-                return jax.lax.scan(one, state, jnp.arange(count, dtype=jnp.int32))
+        loop's one-step path does. -> (state, metrics stacked over `length` steps; the first
+        `count` are real).
 
-            self._fused[count] = jax.jit(fused, in_shardings=self._in, **self._jit)
-        return self._fused[count](state, key, jnp.int32(first))
+        One program per `length`, whatever `count` (<= length): a `while_loop` runs `count` steps
+        and writes each one's metrics into a `length`-row buffer. Compiling per count instead cost
+        a run whose log cadence the fused length does not divide two extra compiles (CartPole:
+        31k -> 50k env steps/s through the recipe); a `lax.cond` per scan iteration was slower."""
+        if not 1 <= count <= length:
+            raise ValueError(f"count={count} must be in [1, length={length}]")
+        if length not in self._fused:
+            def fused(state, key, first, count):
+                shapes = jax.eval_shape(self.step_fn, state, None, key)[1]
+                rows = jax.tree.map(lambda m: jnp.zeros((length, *m.shape), m.dtype), shapes)
+
+                def one(carry: _Fused) -> _Fused:
+                    state, metrics = self.step_fn(carry.state, None,
+                                                  jax.random.fold_in(key, first + carry.i))
+                    rows = jax.tree.map(lambda r, m: jax.lax.dynamic_update_index_in_dim(
+                        r, m, carry.i, 0), carry.rows, metrics)
+                    return _Fused(i=carry.i + 1, state=state, rows=rows)
+
+                done = jax.lax.while_loop(lambda c: c.i < count, one,
+                                          _Fused(i=jnp.int32(0), state=state, rows=rows))
+                return done.state, done.rows
+
+            self._fused[length] = jax.jit(fused, in_shardings=(*self._in, self._in[1]), **self._jit)
+        return self._fused[length](state, key, jnp.int32(first), jnp.int32(count))
+
+
+@struct.dataclass
+class _Fused:
+    """The fused steps' loop carry: steps done, the state, the metrics rows written so far."""
+    i: jax.Array
+    state: Any
+    rows: Any
 
 
 def compile_step(step_fn: Callable, mesh: Mesh, state_shardings: Any, *,
