@@ -9,8 +9,8 @@ the very same episodes (same belts, same random draws), and the run ends with a 
 PPO against them.
 
 `run.seeds=N` trains N seeds side by side: the state gains a leading seed axis, one compiled
-step updates them all (`vmap`), each seed's curves are logged as `seed<i>/<metric>` beside
-their mean, and the table gets a row per seed.
+step updates them all (one after another, `lax.map`), each seed's curves are logged as
+`seed<i>/<metric>` beside their mean, and the table gets a row per seed.
 """
 
 from __future__ import annotations
@@ -122,20 +122,26 @@ def make_evaluator(ppo: PPO, cfg: EvalConfig, mesh, seeds: int = 1):
         return evaluate(ppo.env, ppo.env_params, act, reset_keys,
                         jax.random.PRNGKey(cfg.seed + 1), max_steps=max_steps)
 
-    if seeds > 1:
-        returns = jax.vmap(returns)
+    if seeds > 1:  # one seed after another, as `seed_axis` trains them
+        one_seed = returns
+        returns = lambda params, obs_stats: jax.lax.map(lambda p: one_seed(*p), (params, obs_stats))  # noqa: E731
     returns = jax.jit(returns, out_shardings=replicated(mesh))  # every process reads them
     return lambda state: np.asarray(returns(state.params, state.obs_stats))
 
 
 def seed_axis(ppo: PPO, seeds: int):
     """init and update over a leading seed axis, and the state's shardings with it (seeds
-    unsplit; each seed's envs split over the batch axes as in a one-seed run)."""
+    unsplit; each seed's envs split over the batch axes as in a one-seed run).
+
+    The seeds run one after another inside the one compiled step (`lax.map`), not batched by
+    `vmap`: every op is then the one-seed program's. The vmapped step hung XLA:CPU (jaxlib
+    0.10.2) intermittently, in CI and once here (the recipe's test, first step, 600 s), with
+    and without YNN fusions; one-seed programs never did (README, run.seeds)."""
     def init(key):
-        return jax.vmap(ppo.init)(jax.random.split(key, seeds))
+        return jax.lax.map(ppo.init, jax.random.split(key, seeds))
 
     def update(state, key):
-        state, metrics = jax.vmap(ppo.update)(state, jax.random.split(key, seeds))
+        state, metrics = jax.lax.map(lambda sk: ppo.update(*sk), (state, jax.random.split(key, seeds)))
         curves = {k: v.mean() for k, v in metrics.items()}
         curves.update({f"seed{i}/{k}": v[i] for i in range(seeds) for k, v in metrics.items()})
         return state, curves
