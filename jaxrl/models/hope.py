@@ -183,17 +183,11 @@ class HOPE(nnx.Module):
         `deterministic` and `rngs` are accepted for GPT-2's interface; HOPE has no dropout.
         """
         del deterministic, rngs
-        cfg = self.cfg
         B, T = tokens.shape
-        real = tokens != cfg.pad_id
-        if attention_mask is not None:
-            real &= attention_mask.astype(bool)
+        x, real = self._embed(tokens, attention_mask)
         state = self.init_fast(B) if fast is None else fast
-        x = self.wte(tokens)
         attend = None
-        if cfg.mixer == "attention":
-            positions = jnp.maximum(jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1, 0)
-            x = x + self.wpe(positions)
+        if self.cfg.mixer == "attention":
             causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [T, T]
             attend = causal[None] & real[:, None, :]  # [B, T, T]
         mixers, cmss = [], []
@@ -206,23 +200,29 @@ class HOPE(nnx.Module):
             return logits
         return logits, HopeState(mixer=tuple(mixers), cms=tuple(cmss))
 
+    def _embed(self, tokens, attention_mask):
+        """-> (token embeddings [B, T, d], real-token mask [B, T]); the attention variant adds
+        learned positions counted over real tokens only (left padding takes none)."""
+        real = tokens != self.cfg.pad_id
+        if attention_mask is not None:
+            real &= attention_mask.astype(bool)
+        x = self.wte(tokens)
+        if self.cfg.mixer == "attention":
+            positions = jnp.maximum(jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1, 0)
+            x = x + self.wpe(positions)
+        return x, real
+
     def prefill(self, tokens, attention_mask=None, *, max_len: int):
         """Run a prompt [B, P] from the initial fast state, for a decode of up to `max_len` slots.
 
         -> (logits [B, P, embedding_rows], HopeDecode): the logits of `__call__`.
         """
-        cfg = self.cfg
         B, P = tokens.shape
-        real = tokens != cfg.pad_id
-        if attention_mask is not None:
-            real &= attention_mask.astype(bool)
+        x, real = self._embed(tokens, attention_mask)
         state = self.init_fast(B)
         valid = jnp.zeros((B, max_len), bool).at[:, :P].set(real)
-        x = self.wte(tokens)
         attend = None
-        if cfg.mixer == "attention":
-            positions = jnp.maximum(jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1, 0)
-            x = x + self.wpe(positions)
+        if self.cfg.mixer == "attention":
             causal = jnp.arange(max_len)[None, :] <= jnp.arange(P)[:, None]  # [P, S]
             attend = causal[None] & valid[:, None, :]  # [B, P, S]
         mixers, cmss = [], []
