@@ -84,7 +84,7 @@ class CompiledStep:
         One program per `length`, whatever `count` (<= length): a `while_loop` runs `count` steps
         and writes each one's metrics into a `length`-row buffer. Compiling per count instead cost
         a run whose log cadence the fused length does not divide two extra compiles (CartPole:
-        31k -> 50k env steps/s through the recipe); a `lax.cond` per scan iteration was slower."""
+        31k -> 54k env steps/s through the recipe); a `lax.cond` per scan iteration was slower."""
         if not 1 <= count <= length:
             raise ValueError(f"count={count} must be in [1, length={length}]")
         if length not in self._fused:

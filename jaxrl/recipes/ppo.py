@@ -122,11 +122,11 @@ def make_evaluator(ppo: PPO, cfg: EvalConfig, mesh, seeds: int = 1):
         return evaluate(ppo.env, ppo.env_params, act, reset_keys,
                         jax.random.PRNGKey(cfg.seed + 1), max_steps=max_steps)
 
-    if seeds > 1:  # one seed after another, as `seed_axis` trains them
-        one_seed = returns
-        returns = lambda params, obs_stats: jax.lax.map(lambda p: one_seed(*p), (params, obs_stats))  # noqa: E731
-    returns = jax.jit(returns, out_shardings=replicated(mesh))  # every process reads them
-    return lambda state: np.asarray(returns(state.params, state.obs_stats))
+    def per_seed(params, obs_stats):  # one seed after another, as `seed_axis` trains them
+        return jax.lax.map(lambda p: returns(*p), (params, obs_stats))
+
+    compiled = jax.jit(per_seed if seeds > 1 else returns, out_shardings=replicated(mesh))  # every process reads them
+    return lambda state: np.asarray(compiled(state.params, state.obs_stats))
 
 
 def seed_axis(ppo: PPO, seeds: int):
