@@ -128,10 +128,8 @@ def main() -> None:
         "corpus": {"documents": rows, "mib": corpus_mib, "what": "shared corpora + Python stdlib .py, one JSONL row per file, 16 files"},
         "seq_len": SEQ_LEN, "batch_size": BATCH,
         **results,
-        "machine": machine_info(shared=True),
+        "machine": machine_info(),
         "python": platform.python_version(),
-        "note": "one run on a 2-core machine shared with other developers' jobs at the same time; "
-                "expect noise of tens of percent",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     rows = {"jaxrl": run_jaxrl(), "rejax": guarded("rejax", run_rejax),
             "sb3": guarded("stable-baselines3", run_sb3, args.sb3_steps)}
     report = {"benchmark": "ppo_peers", "env": "CartPole-v1", "hyper_parameters": HP,
-              "machine": machine_info(shared=True), "rows": rows, "ratios": ratios(rows)}
+              "machine": machine_info(), "rows": rows, "ratios": ratios(rows)}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
