@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -12,10 +13,11 @@ from jaxrl.core.config import MeshConfig
 from jaxrl.core.mesh import make_mesh, shard_batch
 from jaxrl.core.step import compile_step, sharded_init
 from jaxrl.core.train_state import TrainState
+from jaxrl.core.checkpoint import Checkpointer
 from jaxrl.models.cms import CMS, CMSConfig
 from jaxrl.models.hope import HOPE, HopeConfig, generate
 from jaxrl.models.titans import MemoryConfig, SelfModTitans, TitansMemory, soft_clamp
-from jaxrl.recipes import sft
+from jaxrl.recipes import sft, sft_hope
 
 D, VOCAB, PAD = 16, 64, 63
 MEMORY = MemoryConfig(heads=2, depth=2, chunk_size=4, unit_size=2, memory_chunk_size=8)
@@ -59,14 +61,19 @@ def modules():
     return out
 
 
+TEACH = CMSConfig(periods=(4, 8), objective="teach", lr=0.5)
+LMS = {"selfmod": dict(mixer="selfmod"), "attention": dict(mixer="attention"),
+       "titans": dict(mixer="titans"), "selfmod_teach": dict(mixer="selfmod", cms=TEACH)}
+
+
 @pytest.fixture(scope="module")
 def lms():
-    """mixer -> (model, params, jitted f(params, tokens) -> logits), one per mixer."""
+    """name -> (model, params, jitted f(params, tokens) -> logits), one per `LMS` config."""
     out = {}
-    for mixer in ("selfmod", "attention", "titans"):
-        model = HOPE(hope_config(mixer=mixer), rngs=nnx.Rngs(0))
+    for name, overrides in LMS.items():
+        model = HOPE(hope_config(**overrides), rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(model)
-        out[mixer] = (model, params, jax.jit(lambda p, t, g=graphdef: nnx.merge(g, p)(t)))
+        out[name] = (model, params, jax.jit(lambda p, t, g=graphdef: nnx.merge(g, p)(t)))
     return out
 
 
@@ -98,9 +105,11 @@ def test_output_t_ignores_inputs_after_t(modules, kind):
         assert np.abs(y[i + 1, t:] - y[0, t:]).max() > 1e-6, f"{kind}: token {t} has no effect"
 
 
-@pytest.mark.parametrize("mixer", ["selfmod", "attention", "titans"])
-def test_lm_logits_t_ignore_tokens_after_t(lms, mixer):
-    _, params, f = lms[mixer]
+@pytest.mark.parametrize("name", LMS)
+def test_lm_logits_t_ignore_tokens_after_t(lms, name):
+    """With the teach objective too: a write after a chunk uses its targets, up to the next
+    chunk's first token, and only later positions read it."""
+    _, params, f = lms[name]
     batch = token_batch()
     logits = np.asarray(f(params, batch))
     for t in range(batch.shape[1]):
@@ -203,6 +212,52 @@ def test_fast_state_is_float32_under_bfloat16_compute():
     assert floats and all(x.dtype == jnp.float32 for x in floats)
 
 
+def test_teach_pass_at_zero_lr_gives_the_one_call_forward():
+    """The online teach pass feeds the mixer 4-token pieces; with the conv history carried (a
+    random conv here) and M_memory published on its 8-token period of the whole sequence, its
+    logits at cms.lr=0 are the plain forward's. T=13 ends in a short chunk."""
+    tokens = jax.random.randint(jax.random.key(15), (2, 13), 0, PAD)
+    models = {obj: HOPE(hope_config(n_layer=1, cms=dataclasses.replace(TEACH, lr=0.0, objective=obj)),
+                        rngs=nnx.Rngs(0)) for obj in ("local", "teach")}
+    conv = models["local"].h[0].mixer.conv.kernel
+    conv.set_value(jax.random.normal(jax.random.key(16), conv.shape))
+    nnx.update(models["teach"], nnx.state(models["local"]))
+    logits = jax.jit(lambda t: {k: m(t)[..., :PAD] for k, m in models.items()})(tokens)
+    np.testing.assert_allclose(logits["teach"], logits["local"], atol=1e-6)
+
+
+def test_teach_write_steps_along_the_chunk_loss_gradient_and_lowers_it():
+    """One 4-token chunk, period 4. The level loss sum ||pred - sg(pred - delta)||^2 has weight
+    gradient 2 J^T delta = 2 d(chunk loss)/d(weights): the write must be -lr * clamp(that), the
+    gradient taken here through a plain forward at cms.lr=0 (no teach code); replaying the
+    chunk at the written weights lowers its loss."""
+    tokens = jax.random.randint(jax.random.key(17), (1, 4), 0, PAD)
+    level_cfg = dict(periods=(4,), lr=0.05)
+    teach = HOPE(hope_config(mixer="attention", n_layer=1,
+                             cms=CMSConfig(objective="teach", **level_cfg)), rngs=nnx.Rngs(0))
+    plain = HOPE(hope_config(mixer="attention", n_layer=1, cms=CMSConfig(**{**level_cfg, "lr": 0.0})),
+                 rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(plain)
+
+    def chunk_loss(level_weights):  # mean CE of the chunk's 3 pairs, the level at these weights
+        m = nnx.merge(graphdef, params, copy=True)
+        for w, value in zip(m.h[0].cms.init_weights[0], level_weights):
+            w.set_value(value)
+        logits = m(tokens)[0, :-1]
+        picked = jnp.take_along_axis(logits, tokens[0, 1:, None], axis=-1)[:, 0]
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
+
+    start = tuple(w[...] for w in plain.h[0].cms.init_weights[0])
+    loss, grad = jax.jit(jax.value_and_grad(chunk_loss))(start)
+    _, fast = jax.jit(lambda t: teach(t, fast=teach.init_fast(1)))(tokens)
+    written = tuple(w[0] for w in fast.cms[0].weights[0])
+    expected = soft_clamp(jax.tree.map(lambda g: 2.0 * g, grad), CMSConfig().max_grad_norm)
+    for w, w0, g in zip(written, start, expected):
+        assert float(jnp.abs(g).max()) > 0
+        np.testing.assert_allclose(w - w0, -0.05 * g, atol=1e-7)
+    assert float(jax.jit(chunk_loss)(written)) < float(loss) - 1e-4
+
+
 @pytest.mark.parametrize("kind", ["titans", "selfmod", "cms"])
 def test_sequence_shorter_than_a_chunk_still_writes(modules, kind):
     module, params, f = modules[kind]
@@ -249,6 +304,49 @@ def test_sharded_loss_equals_one_device(corpus_batch):
                           jax.random.key(0))
         losses.append([float(metrics["loss"]), float(metrics["grad_norm"])])
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_persistent_cms_memory_carries_across_steps_and_resumes_exactly(tmp_path, corpus_batch):
+    """cms.state=persistent (teach objective): step 2 starts each row from step 1's batch-mean
+    CMS state as a delta on the (updated) initial weights, which a fresh start does not; a
+    checkpoint restored between the steps gives step 2 bit for bit."""
+    cfg = hope_config(mixer="attention", n_layer=1, cms=dataclasses.replace(TEACH, state="persistent"))
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    init = sft_hope.initial_state(cfg, optax.adam(1e-2), 0, mesh)
+    step = compile_step(sft_hope.train_step, mesh, init.shardings, donate=False)
+    halves = [shard_batch({k: v[rows] for k, v in corpus_batch.items()}, mesh)
+              for rows in (slice(0, 4), slice(4, 8))]
+    key = jax.random.key(0)
+    s0 = init()
+    s1, m1 = step(s0, halves[0], key)
+    s2, m2 = step(s1, halves[1], key)
+    _, fresh = step(s0, halves[1], key)
+    assert abs(float(m2["loss"]) - float(fresh["loss"])) > 1e-4
+
+    @jax.jit
+    def reference(s0, s1):  # step 2's loss, the carried state built by hand
+        m0, m1 = s0.model(), s1.model()
+        b1, b2 = halves
+        _, fast = m0(b1["tokens"], b1["attention_mask"], fast=m0.init_fast(4))
+        start = m1.init_fast(4)
+        levels = []
+        for (w_in, w_out), i0, i1 in zip(fast.cms[0].weights, m0.h[0].cms.init_weights,
+                                         m1.h[0].cms.init_weights):
+            levels.append(tuple(jnp.broadcast_to(new[...] + w.mean(0) - old[...], w.shape)
+                                for w, old, new in zip((w_in, w_out), i0, i1)))
+        cms = start.cms[0].replace(weights=tuple(levels), count=fast.cms[0].count)
+        logits, _ = m1(b2["tokens"], b2["attention_mask"], fast=start.replace(cms=(cms,)))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b2["targets"]).mean()
+
+    np.testing.assert_allclose(float(m2["loss"]), float(reference(s0, s1)), rtol=1e-5)
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, s1)
+    restored, _, _ = ckpt.restore(init.abstract)
+    s2_again, m2_again = step(restored, halves[1], key)
+    assert float(m2_again["loss"]) == float(m2["loss"])
+    for a, b in zip(jax.tree.leaves(s2_again.extra), jax.tree.leaves(s2.extra)):
+        np.testing.assert_array_equal(a, b)
+    assert all(np.isfinite(float(m["loss"])) for m in (m1, m2))
 
 
 @pytest.fixture

@@ -43,20 +43,23 @@ class CMSConfig:
     flush_partial: bool = True  # apply a partial chunk at the end of each call
     order: Literal["fast_first", "slow_first"] = "fast_first"
     objective: Literal["local", "teach"] = "local"
+    teach_chunk: int = 0  # objective=teach: tokens per online chunk (0: the fastest period)
     state: Literal["per_sequence", "persistent"] = "per_sequence"
 
     def validate(self):
         if not self.periods or min(self.periods) < 1:
             raise ConfigError(f"cms.periods must be positive, got {self.periods}.")
-        if self.objective == "teach":
-            raise ConfigError("cms.objective=teach (the LM teach signal) is not implemented yet; "
-                              "use cms.objective=local.")
-        if self.state == "persistent":
-            raise ConfigError("cms.state=persistent needs the fast state carried across training "
-                              "steps, which the LM recipe does not do yet; use per_sequence (the "
-                              "fast state API `HOPE(..., fast=...)` carries it across calls).")
+        if self.teach_chunk < 0 or (self.objective == "teach"
+                                    and any(p % self.online_chunk for p in self.periods)):
+            raise ConfigError(f"cms.teach_chunk={self.teach_chunk} must divide every period "
+                              f"{self.periods} (a level writes only between online chunks); "
+                              "0 takes the fastest period.")
         if self.lr < 0 or self.residual_clip <= 0 or self.max_grad_norm <= 0:
             raise ConfigError("cms.lr must be >= 0, cms.residual_clip and max_grad_norm > 0.")
+
+    @property
+    def online_chunk(self) -> int:
+        return self.teach_chunk or min(self.periods)
 
 
 @flax.struct.dataclass
@@ -66,6 +69,15 @@ class CMSState:
     weights: tuple  # per level (w_in, w_out) float32
     pending: tuple  # same shapes: summed gradients of the current, unfinished chunk
     count: jax.Array  # [B] int32 tokens seen (all levels count the same tokens)
+
+
+@flax.struct.dataclass
+class CMSMemory:
+    """`state: persistent`'s carried CMS state, one for the whole batch (see the docstring)."""
+
+    delta: tuple  # per level (w_in, w_out) float32: the weights minus the initial weights
+    pending: tuple  # per level: pending gradients of the unfinished chunk (batch mean)
+    count: jax.Array  # [] int32 tokens seen
 
 
 def clip_norm(x, max_norm: float):
@@ -108,11 +120,7 @@ def run_level(weights, pending, count, x, real, *, norm, period: int, cfg: CMSCo
         xc, mc, done, is_last = inputs
         y = xc + clip_norm(level_delta(w, norm(xc)), cfg.residual_clip)  # [period, d]
         acc = jax.tree.map(jnp.add, acc, jax.grad(local_loss)(w, xc, mc, norm))
-        apply = done | (is_last & flush)
-        update = soft_clamp(acc, cfg.max_grad_norm)
-        stepped = _write(w, jax.tree.map(lambda p, g: p - cfg.lr * g, w, update), writes)
-        w = jax.tree.map(lambda a, b: jnp.where(apply, a, b), stepped, w)
-        acc = jax.tree.map(lambda g: jnp.where(apply, 0.0, g), acc)
+        w, acc = apply_pending(w, acc, done | (is_last & flush), cfg=cfg, writes=writes)
         return (w, acc), y
 
     (weights, pending), ys = jax.lax.scan(
@@ -122,15 +130,22 @@ def run_level(weights, pending, count, x, real, *, norm, period: int, cfg: CMSCo
     return y, weights, pending
 
 
+def apply_pending(weights, pending, apply, *, cfg: CMSConfig, writes: Writes):
+    """One example's level: where `apply`, step by the soft-clamped pending gradient and clear
+    it. -> (weights', pending')."""
+    update = soft_clamp(pending, cfg.max_grad_norm)
+    stepped = _write(weights, jax.tree.map(lambda p, g: p - cfg.lr * g, weights, update), writes)
+    weights = jax.tree.map(lambda a, b: jnp.where(apply, a, b), stepped, weights)
+    return weights, jax.tree.map(lambda g: jnp.where(apply, 0.0, g), pending)
+
+
 def level_token(weights, pending, count, x, real, *, norm, period: int, cfg: CMSConfig):
     """`run_level` on one token x [d] of one example, never flushing. -> (y, weights', pending')."""
     y = x + clip_norm(level_delta(weights, norm(x)), cfg.residual_clip)
     grad = jax.grad(local_loss)(weights, x[None], real[None], norm)
     pending = jax.tree.map(jnp.add, pending, grad)
     done = count % period == period - 1  # this token completes its chunk
-    update = soft_clamp(pending, cfg.max_grad_norm)
-    stepped = jax.tree.map(lambda p, g: jnp.where(done, p - cfg.lr * g, p), weights, update)
-    return y, stepped, jax.tree.map(lambda g: jnp.where(done, 0.0, g), pending)
+    return y, *apply_pending(weights, pending, done, cfg=cfg, writes="differentiable")
 
 
 class CMS(nnx.Module):
@@ -173,6 +188,56 @@ class CMS(nnx.Module):
             pending.append(p)
         count = fast.count + x.shape[1]
         return h.astype(self.dtype), CMSState(tuple(weights), tuple(pending), count)
+
+    def read(self, x, weights):
+        """x [B, T, d] through the levels at fixed weights (per level (w_in, w_out) [B, ...])."""
+        h = x.astype(jnp.float32)
+        for norm, w in zip(self.norms, weights):
+            h = h + clip_norm(jax.vmap(level_delta)(w, norm(h)), self.cfg.residual_clip)
+        return h.astype(self.dtype)
+
+    def teach(self, fast: CMSState, lm_grads, tokens, *, last):
+        """Take one online chunk of `tokens` into `fast` (objective: teach). -> fast'.
+
+        `lm_grads`: per level, d(chunk LM loss)/d(weights) [B, ...] at the weights the chunk
+        read; the level loss sum ||pred - sg(pred - delta)||^2 has twice that gradient. A level
+        applies its pending sum when the chunk crosses its period boundary, or (flush_partial)
+        when `last`.
+        """
+        count = fast.count + tokens
+        weights, pending = [], []
+        for period, w, p, g in zip(self.periods, fast.weights, fast.pending, lm_grads):
+            p = jax.tree.map(lambda a, b: a + 2.0 * b, p, g)
+            apply = (count // period > fast.count // period) | (last & self.cfg.flush_partial)
+            w, p = jax.vmap(lambda w, p, a: apply_pending(w, p, a, cfg=self.cfg,
+                                                          writes=self.writes))(w, p, apply)
+            weights.append(w)
+            pending.append(p)
+        return CMSState(tuple(weights), tuple(pending), count)
+
+    def empty_memory(self) -> CMSMemory:
+        delta = tuple((jnp.zeros(w_in.shape), jnp.zeros(w_out.shape))
+                      for w_in, w_out in self.init_weights)
+        return CMSMemory(delta=delta, pending=delta, count=jnp.zeros((), jnp.int32))
+
+    def recall(self, memory: CMSMemory, batch_size: int) -> CMSState:
+        """Every example's state from `memory`: initial weights + sg(delta), so the initial
+        weights keep their outer gradient through the reads (spec §6.1's meta + sg(delta))."""
+        sg, rows = jax.lax.stop_gradient, lambda a: jnp.broadcast_to(a, (batch_size, *a.shape))
+        weights = tuple((per_example(w_in, batch_size) + sg(d_in), per_example(w_out, batch_size)
+                         + sg(d_out)) for (w_in, w_out), (d_in, d_out)
+                        in zip(self.init_weights, memory.delta))
+        return CMSState(weights=weights, pending=jax.tree.map(lambda p: rows(sg(p)), memory.pending),
+                        count=rows(memory.count))
+
+    def remember(self, fast: CMSState) -> CMSMemory:
+        """The batch mean of the examples' states, as a constant delta on the initial weights."""
+        sg = jax.lax.stop_gradient
+        f32 = lambda w: w[...].astype(jnp.float32)  # noqa: E731
+        delta = tuple((sg(w_in.mean(0) - f32(i_in)), sg(w_out.mean(0) - f32(i_out)))
+                      for (w_in, w_out), (i_in, i_out) in zip(fast.weights, self.init_weights))
+        return CMSMemory(delta=delta, pending=jax.tree.map(lambda p: sg(p.mean(0)), fast.pending),
+                         count=fast.count.max())
 
     def prefill(self, x, real, fast: CMSState):
         """`__call__` on a prompt without the flush: the state a `decode` continues from."""

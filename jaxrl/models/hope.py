@@ -35,8 +35,8 @@ from flax import nnx
 
 from jaxrl.core.config import ConfigError, build
 from jaxrl.models import gpt2
-from jaxrl.models.cms import CMS, CMSConfig
-from jaxrl.models.titans import MemoryConfig, SelfModTitans, TitansMemory, Writes
+from jaxrl.models.cms import CMS, CMSConfig, CMSMemory
+from jaxrl.models.titans import MemoryConfig, SelfModTitans, TitansMemory, Writes, pad_to_chunks
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -74,6 +74,12 @@ class HopeConfig:
                               f"(vocab_size={self.vocab_size}).")
         self.memory.validate()
         self.cms.validate()
+        grain = {"selfmod": self.memory.chunk_size, "titans": self.memory.chunk_size,
+                 "attention": 1}[self.mixer]
+        if self.cms.objective == "teach" and self.cms.online_chunk % grain:
+            raise ConfigError(f"cms.teach_chunk={self.cms.online_chunk} (0: the fastest CMS period) "
+                              f"must be a multiple of memory.chunk_size={grain}: the online teach "
+                              "pass feeds the mixer whole chunks.")
 
     @property
     def embedding_rows(self) -> int:
@@ -96,6 +102,14 @@ class HopeDecode:
     cms: tuple  # per layer CMSState, never flushed
     valid: jax.Array  # [B, S] bool: slots holding real tokens (attention's keys and positions)
     index: jax.Array  # [] int32: the next token's slot
+
+
+@flax.struct.dataclass
+class _Online:
+    """The online teach pass's carry, per layer: the mixer's decode state (or KV cache), CMS."""
+
+    mixer: tuple
+    cms: tuple
 
 
 class HopeBlock(nnx.Module):
@@ -128,6 +142,16 @@ class HopeBlock(nnx.Module):
             h, mixer_fast = self.mixer(x, real, mixer_fast)
         x, cms_fast = self.cms(x + h, real, cms_fast)
         return x, (mixer_fast, cms_fast)
+
+    def online(self, x, real, attend, index, mixer_state, cms_weights):
+        """One online chunk x [B, C, d] at slot `index`, the CMS read at `cms_weights` (what the
+        teach pass differentiates the chunk's loss by). -> (x, mixer_state')."""
+        if self.mixer_kind == "attention":
+            h, mixer_state = self.mixer(self.ln(x), attend, deterministic=True, rngs=None,
+                                        cached=(*mixer_state, index))
+        else:
+            h, mixer_state = self.mixer.extend(x, real, mixer_state)
+        return self.cms.read(x + h, cms_weights), mixer_state
 
     def prefill(self, x, real, attend, fast, max_len: int):
         """`__call__` on a prompt, returning decode states; attention writes slots 0..P-1 of S."""
@@ -186,6 +210,9 @@ class HOPE(nnx.Module):
         B, T = tokens.shape
         x, real = self._embed(tokens, attention_mask)
         state = self.init_fast(B) if fast is None else fast
+        if self.cfg.cms.objective == "teach":
+            logits, state = self._teach(tokens, x, real, state)
+            return logits if fast is None else (logits, state)
         attend = None
         if self.cfg.mixer == "attention":
             causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [T, T]
@@ -199,6 +226,85 @@ class HOPE(nnx.Module):
         if fast is None:
             return logits
         return logits, HopeState(mixer=tuple(mixers), cms=tuple(cmss))
+
+    def _teach(self, tokens, x, real, state: HopeState):
+        """The online teach pass (module docstring): chunk by chunk, forward, the chunk's
+        per-example LM loss, its gradient to each CMS level's weights (jax.vjp), the writes.
+
+        Position t is supervised by token t+1 of the call (T-1 pairs; the last token's target
+        is not in the call). -> (logits [B, T, V], fast').
+        """
+        cfg = self.cfg
+        B, T, d = x.shape
+        C = cfg.cms.online_chunk
+        N = -(-T // C)
+        pairs = lambda a: jnp.pad(a, ((0, 0), (0, N * C - T + 1)))  # noqa: E731  [B, T-1] -> [B, N*C]
+        targets = pairs(tokens[:, 1:])
+        supervised = pairs(real[:, 1:] & real[:, :-1]).astype(jnp.float32)
+        x, real = pad_to_chunks(x, C), pad_to_chunks(real, C)  # [B, N*C, ...]
+        attention = cfg.mixer == "attention"
+        if attention:
+            shape = (B, cfg.n_head, N * C, cfg.n_embd // cfg.n_head)
+            mixers = tuple((jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype)) for _ in self.h)
+        else:
+            mixers = tuple(block.mixer.start(m) for block, m in zip(self.h, state.mixer))
+        by_chunk = lambda a: jnp.moveaxis(a.reshape(B, N, C, *a.shape[2:]), 1, 0)  # noqa: E731
+
+        def body(carry: _Online, xs):
+            c, xc, rc, tc, sc = xs  # [B, C, ...] each
+            index = c * C
+            attend = None
+            if attention:  # [B, C, N*C]: earlier slots holding real tokens
+                causal = jnp.arange(N * C)[None, :] <= (index + jnp.arange(C))[:, None]
+                attend = causal[None] & real[:, None, :]
+
+            def chunk_loss(weights):  # per layer, per level (w_in, w_out) [B, ...]
+                h, mixers = xc, []
+                for block, m, w in zip(self.h, carry.mixer, weights):
+                    h, m = block.online(h, rc, attend, index, m, w)
+                    mixers.append(m)
+                logits = self._logits(h)  # [B, C, V]
+                picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+                ce = jax.nn.logsumexp(logits, axis=-1) - picked  # [B, C]
+                per_example = (ce * sc).sum(1) / jnp.maximum(sc.sum(1), 1.0)
+                return per_example.sum(), (logits, tuple(mixers))
+
+            weights = tuple(s.weights for s in carry.cms)
+            _, pullback, (logits, mixers) = jax.vjp(chunk_loss, weights, has_aux=True)
+            grads = jax.lax.stop_gradient(pullback(jnp.ones(()))[0])  # delta is a constant
+            seen = jnp.minimum(C, T - index)  # real slots of this chunk (the last may be short)
+            cms = tuple(block.cms.teach(s, g, seen, last=c == N - 1)
+                        for block, s, g in zip(self.h, carry.cms, grads))
+            return _Online(mixer=mixers, cms=cms), logits
+
+        carry, logits = jax.lax.scan(
+            body, _Online(mixer=mixers, cms=state.cms),
+            (jnp.arange(N), *map(by_chunk, (x, real, targets, supervised))))
+        logits = jnp.moveaxis(logits, 0, 1).reshape(B, N * C, -1)[:, :T]
+        mixer = tuple(None if attention else block.mixer.finish(m)
+                      for block, m in zip(self.h, carry.mixer))
+        return logits, HopeState(mixer=mixer, cms=carry.cms)
+
+    def empty_memory(self) -> tuple[CMSMemory, ...]:
+        """`cms.state: persistent`'s memory before any token: per layer, a zero delta."""
+        return tuple(block.cms.empty_memory() for block in self.h)
+
+    def recall(self, memory: tuple[CMSMemory, ...], batch_size: int) -> HopeState:
+        """A sequence's fast state in persistent mode: fresh mixers, the CMS from `memory`."""
+        fresh = self.init_fast(batch_size)
+        cms = tuple(block.cms.recall(m, batch_size) for block, m in zip(self.h, memory))
+        return fresh.replace(cms=cms)
+
+    def remember(self, fast: HopeState) -> tuple[CMSMemory, ...]:
+        """The memory the next sequence recalls: the batch mean of the CMS states (constant)."""
+        return tuple(block.cms.remember(s) for block, s in zip(self.h, fast.cms))
+
+    def absorb(self, memory: tuple[CMSMemory, ...]) -> None:
+        """Fold `memory` into the CMS initial weights (in place): an export that starts from it."""
+        for block, m in zip(self.h, memory):
+            for ws, deltas in zip(block.cms.init_weights, m.delta):
+                for w, delta in zip(ws, deltas):
+                    w.set_value((w[...].astype(jnp.float32) + delta).astype(w[...].dtype))
 
     def _embed(self, tokens, attention_mask):
         """-> (token embeddings [B, T, d], real-token mask [B, T]); the attention variant adds
@@ -217,6 +323,9 @@ class HOPE(nnx.Module):
 
         -> (logits [B, P, embedding_rows], HopeDecode): the logits of `__call__`.
         """
+        if self.cfg.cms.objective == "teach":
+            raise ConfigError("the recurrent decoder does not make teach writes (cms.objective="
+                              "teach) yet; use generate(..., recompute=True).")
         B, P = tokens.shape
         x, real = self._embed(tokens, attention_mask)
         state = self.init_fast(B)

@@ -17,7 +17,9 @@ avoids both: `prefill` runs a prompt (as a call, from a chunk-grid origin) and r
 state (`TitansDecode`, `SelfModDecode`) that also holds the current chunk's partial progress
 and the conv's last inputs; `decode` advances it one token at a time and gives the outputs the
 chunked forward gives on the whole sequence. The decode path is for inference: it applies
-writes directly, without a `writes` mode.
+writes directly, without a `writes` mode. `start` / `extend` / `finish` continue the chunked
+forward piece by piece (whole chunks, conv history carried, `writes` honoured): HOPE's online
+teach pass runs its mixers that way, and gets the outputs of one call.
 """
 
 from __future__ import annotations
@@ -108,16 +110,21 @@ class CausalConv(nnx.Module):
         identity = lambda key, shape, dtype: jnp.zeros(shape, dtype).at[0].set(1.0)  # noqa: E731
         self.kernel = _param(identity, (width, channels), (None, None), rngs)
 
-    def __call__(self, x):  # x: [B, T, C]
+    def __call__(self, x, history=None):
+        """x: [B, T, C] after `history` [B, width-1, C] (the previous inputs; default zeros)."""
         width, T = self.kernel.shape[0], x.shape[1]
-        padded = jnp.pad(x, ((0, 0), (width - 1, 0), (0, 0)))  # [B, width-1+T, C]
+        padded = self._after(x, history)  # [B, width-1+T, C]
         kernel = self.kernel[...].astype(x.dtype)
         return sum(kernel[j] * padded[:, width - 1 - j: width - 1 - j + T] for j in range(width))
 
-    def history(self, x):
-        """The last width-1 inputs of x [B, T, C] (zeros before its start): a decode's state."""
-        width, T = self.kernel.shape[0], x.shape[1]
-        return jnp.pad(x, ((0, 0), (width - 1, 0), (0, 0)))[:, T:]  # [B, width-1, C]
+    def history(self, x, history=None):
+        """The last width-1 inputs of x [B, T, C] after `history`: a decode's state."""
+        return self._after(x, history)[:, x.shape[1]:]  # [B, width-1, C]
+
+    def _after(self, x, history):
+        if history is None:
+            return jnp.pad(x, ((0, 0), (self.kernel.shape[0] - 1, 0), (0, 0)))
+        return jnp.concatenate([history.astype(x.dtype), x], axis=1)
 
     def step(self, x, history):
         """One token x [B, C] after `history` [B, width-1, C] (oldest first). -> (y, history')."""
@@ -284,7 +291,7 @@ class TitansMemory(nnx.Module):
                  rngs: nnx.Rngs):
         if d_model % cfg.heads:
             raise ConfigError(f"n_embd={d_model} must be divisible by memory.heads={cfg.heads}.")
-        self.cfg, self.writes, self.dtype = cfg, writes, dtype
+        self.cfg, self.writes, self.dtype, self.d_model = cfg, writes, dtype, d_model
         H, dh = cfg.heads, d_model // cfg.heads
         linear = lambda d_out, names, std=0.02: nnx.Linear(  # noqa: E731
             d_model, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -342,6 +349,35 @@ class TitansMemory(nnx.Module):
                                   tuple(map(time_major, (h.astype(jnp.float32), q, k, v, real))))
             ys.append(jnp.moveaxis(y, 0, 1))  # [B, T - T0, d]
         return self._output(jnp.concatenate(ys, axis=1), h), dec
+
+    def start(self, fast: TitansState) -> TitansDecode:
+        """`fast` as a decode state at the chunk grid's origin, with an empty conv history."""
+        B = fast.weights[0].shape[0]
+        return TitansDecode(start=fast.weights, weights=fast.weights, momentum=fast.momentum,
+                            grad=jax.tree.map(jnp.zeros_like, fast.weights),
+                            pooled=jnp.zeros((B, self.d_model), jnp.float32),
+                            unit_real=jnp.zeros((B,), bool),
+                            conv=jnp.zeros((B, self.cfg.conv_width - 1, 3 * self.d_model),
+                                           self.dtype),
+                            position=jnp.zeros((B,), jnp.int32))
+
+    def extend(self, x, real, dec: TitansDecode):
+        """Whole chunks x [B, T, d] after `dec` (at a chunk boundary). -> (y, dec').
+
+        The chunked scan, continued with the conv's history: a sequence fed in pieces of whole
+        chunks gets the outputs of one `__call__` on all of it (the online teach pass's path).
+        """
+        h = self.norm(x)
+        pre = self.qkv(h)  # [B, T, 3d]
+        y, (weights, momentum) = self._chunks(h, *self._qkv(self.conv(pre, dec.conv)), real,
+                                              (dec.weights, dec.momentum))
+        dec = dec.replace(start=weights, weights=weights, momentum=momentum,
+                          conv=self.conv.history(pre, dec.conv), position=dec.position + x.shape[1])
+        return self._output(y, h), dec
+
+    def finish(self, dec: TitansDecode) -> TitansState:
+        """The fast state `__call__` returns, from a decode state at a chunk boundary."""
+        return TitansState(weights=dec.weights, momentum=dec.momentum)
 
     def decode(self, x, real, dec: TitansDecode):
         """One token x [B, d] (real [B] bool) after `dec`. -> (y [B, d], dec')."""
@@ -576,7 +612,7 @@ class SelfModTitans(nnx.Module):
                  rngs: nnx.Rngs):
         if d_model % cfg.heads:
             raise ConfigError(f"n_embd={d_model} must be divisible by memory.heads={cfg.heads}.")
-        self.cfg, self.writes, self.dtype = cfg, writes, dtype
+        self.cfg, self.writes, self.dtype, self.d_model = cfg, writes, dtype, d_model
         H, dh = cfg.heads, d_model // cfg.heads
         hid = cfg.expansion * dh
         linear = lambda d_out, names: nnx.Linear(  # noqa: E731
@@ -634,6 +670,34 @@ class SelfModTitans(nnx.Module):
             ys.append(jnp.moveaxis(y, 0, 1))  # [B, T - T0, d]
         return self.out(jnp.concatenate(ys, axis=1).astype(self.dtype)), dec
 
+    def start(self, fast: SelfModState) -> SelfModDecode:
+        """`fast` as a decode state at the chunk grid's origin, with an empty conv history."""
+        B = fast.visible[0].shape[0]
+        return SelfModDecode(start=fast.memories, memories=fast.memories, visible=fast.visible,
+                             conv=jnp.zeros((B, self.cfg.conv_width - 1, self.d_model),
+                                            self.dtype),
+                             position=jnp.zeros((B,), jnp.int32))
+
+    def extend(self, x, real, dec: SelfModDecode):
+        """Whole chunks x [B, T, d] after `dec` (at a chunk boundary). -> (y, dec').
+
+        As `TitansMemory.extend`: M_memory is published on its own period of the global grid
+        (`dec.position`), not at the end of each piece.
+        """
+        x_in, q = jnp.split(self.inp(self.norm(x)), 2, axis=-1)  # [B, T, d] each
+        y, state = self._chunks(self.conv(x_in, dec.conv).astype(jnp.float32),
+                                q.astype(jnp.float32), real,
+                                SelfModState(memories=dec.memories, visible=dec.visible),
+                                publish_last=False, position=dec.position)
+        dec = dec.replace(start=state.memories, memories=state.memories, visible=state.visible,
+                          conv=self.conv.history(x_in, dec.conv), position=dec.position + x.shape[1])
+        return self.out(y.astype(self.dtype)), dec
+
+    def finish(self, dec: SelfModDecode) -> SelfModState:
+        """The fast state `__call__` returns (M_memory published), from a chunk boundary."""
+        visible = jax.tree.map(lambda w: w[:, :, 2], dec.memories["vectors"])
+        return SelfModState(memories=dec.memories, visible=visible)
+
     def decode(self, x, real, dec: SelfModDecode):
         """One token x [B, d] (real [B] bool) after `dec`. -> (y [B, d], dec')."""
         x_in, q = jnp.split(self.inp(self.norm(x)), 2, axis=-1)  # [B, d] each
@@ -642,8 +706,11 @@ class SelfModTitans(nnx.Module):
                                q.astype(jnp.float32), real)
         return self.out(y.astype(self.dtype)), dec
 
-    def _chunks(self, x, q, real, fast: SelfModState, *, publish_last: bool):
-        """The chunked scan over conv'd inputs x, q [B, T, d] float32. -> (y [B, T, d], fast')."""
+    def _chunks(self, x, q, real, fast: SelfModState, *, publish_last: bool, position=None):
+        """The chunked scan over conv'd inputs x, q [B, T, d] float32. -> (y [B, T, d], fast').
+
+        `position` [B]: tokens before x on the chunk grid (default 0), for M_memory's period.
+        """
         cfg = self.cfg
         B, T, d = x.shape
         H, dh, C = cfg.heads, d // cfg.heads, cfg.chunk_size
@@ -657,10 +724,12 @@ class SelfModTitans(nnx.Module):
         N = xs_x.shape[0]
         realp = pad_to_chunks(real, C).reshape(B, N, C).transpose(1, 0, 2)  # [N, B, C]
         every = cfg.memory_chunk_size // C
-        publish = (jnp.arange(N) % every == every - 1) | (publish_last & (jnp.arange(N) == N - 1))
+        first = jnp.zeros((B,), jnp.int32) if position is None else position // C
+        index = first[None, :] + jnp.arange(N)[:, None]  # [N, B] chunk on the global grid
+        publish = (index % every == every - 1) | (publish_last & (jnp.arange(N) == N - 1))[:, None]
         xs = SelfModChunk(x=xs_x, q=xs_q,
                           real=jnp.broadcast_to(realp[:, :, None], (N, B, H, C)),
-                          publish=jnp.broadcast_to(publish[:, None, None], (N, B, H)))
+                          publish=jnp.broadcast_to(publish[:, :, None], (N, B, H)))
         one = lambda s, c, eb, ab: selfmod_chunk(s, c, cfg=cfg, writes=self.writes,  # noqa: E731
                                                  eta_bias=eb, alpha_bias=ab)
         heads = jax.vmap(one, in_axes=(0, 0, 0, 0))  # over H (biases are per head)
