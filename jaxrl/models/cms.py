@@ -13,8 +13,23 @@ weights the whole sequence in one call gives it.
 The local objective (`objective: local`) is an associative reconstruction loss,
 `||MLP(LN(x_t)) - sg(LN(x_t))||^2`: each level stores what passes through it, at the scale of
 its normalised input (the residual stream's own scale grows; a raw target made writes blow up).
-Each write's summed gradient is soft-clamped to `max_grad_norm`. The LM teach signal
-of the reference (`objective: teach`) is not implemented yet.
+Each write's summed gradient is soft-clamped to `max_grad_norm`.
+
+The teach objective (`objective: teach`, KM's, spec §4.2): delta = d(LM loss)/d(level output),
+level loss `sum_chunk ||pred - sg(pred - delta)||^2`, whose weight gradient is
+`2 J^T delta = 2 d(LM loss)/d(level weights)`: a write along 2 delta. The LM loss needs the
+whole model, so HOPE drives it (`HopeConfig` docstring's online pass): per online chunk the
+levels `read` at fixed weights, HOPE takes the chunk loss's gradient with respect to them, and
+`teach` adds it to the pending sums and applies the levels whose period boundary the chunk
+crossed. Delta is a constant to the outer loss (mode S of spec §6.1); with
+`writes: differentiable` the initial weights still get the outer gradient through the
+written weights' identity path, not through delta. Every period must be a multiple of the
+online chunk (`teach_chunk`, default the fastest period), so no level writes inside one.
+
+`state: persistent` (spec §4.3) keeps one `CMSMemory` across sequences: `remember` takes the
+batch mean of the examples' final states as a constant offset on the initial weights, `recall`
+starts every example of the next sequence from initial weights + that offset (the recipe that
+carries it says why one memory, not one per row: `recipes/sft_hope.py`).
 """
 
 from __future__ import annotations
@@ -75,7 +90,7 @@ class CMSState:
 class CMSMemory:
     """`state: persistent`'s carried CMS state, one for the whole batch (see the docstring)."""
 
-    delta: tuple  # per level (w_in, w_out) float32: the weights minus the initial weights
+    offset: tuple  # per level (w_in, w_out) float32: the weights minus the initial weights
     pending: tuple  # per level: pending gradients of the unfinished chunk (batch mean)
     count: jax.Array  # [] int32 tokens seen
 
@@ -216,27 +231,27 @@ class CMS(nnx.Module):
         return CMSState(tuple(weights), tuple(pending), count)
 
     def empty_memory(self) -> CMSMemory:
-        delta = tuple((jnp.zeros(w_in.shape), jnp.zeros(w_out.shape))
+        zeros = tuple((jnp.zeros(w_in.shape), jnp.zeros(w_out.shape))
                       for w_in, w_out in self.init_weights)
-        return CMSMemory(delta=delta, pending=delta, count=jnp.zeros((), jnp.int32))
+        return CMSMemory(offset=zeros, pending=zeros, count=jnp.zeros((), jnp.int32))
 
     def recall(self, memory: CMSMemory, batch_size: int) -> CMSState:
-        """Every example's state from `memory`: initial weights + sg(delta), so the initial
+        """Every example's state from `memory`: initial weights + sg(offset), so the initial
         weights keep their outer gradient through the reads (spec §6.1's meta + sg(delta))."""
         sg, rows = jax.lax.stop_gradient, lambda a: jnp.broadcast_to(a, (batch_size, *a.shape))
         weights = tuple((per_example(w_in, batch_size) + sg(d_in), per_example(w_out, batch_size)
                          + sg(d_out)) for (w_in, w_out), (d_in, d_out)
-                        in zip(self.init_weights, memory.delta))
+                        in zip(self.init_weights, memory.offset))
         return CMSState(weights=weights, pending=jax.tree.map(lambda p: rows(sg(p)), memory.pending),
                         count=rows(memory.count))
 
     def remember(self, fast: CMSState) -> CMSMemory:
-        """The batch mean of the examples' states, as a constant delta on the initial weights."""
+        """The batch mean of the examples' states, as a constant offset on the initial weights."""
         sg = jax.lax.stop_gradient
         f32 = lambda w: w[...].astype(jnp.float32)  # noqa: E731
-        delta = tuple((sg(w_in.mean(0) - f32(i_in)), sg(w_out.mean(0) - f32(i_out)))
+        offset = tuple((sg(w_in.mean(0) - f32(i_in)), sg(w_out.mean(0) - f32(i_out)))
                       for (w_in, w_out), (i_in, i_out) in zip(fast.weights, self.init_weights))
-        return CMSMemory(delta=delta, pending=jax.tree.map(lambda p: sg(p.mean(0)), fast.pending),
+        return CMSMemory(offset=offset, pending=jax.tree.map(lambda p: sg(p.mean(0)), fast.pending),
                          count=fast.count.max())
 
     def prefill(self, x, real, fast: CMSState):

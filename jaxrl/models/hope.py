@@ -17,6 +17,22 @@ start plus the chunk's progress and the conv's last inputs, or the attention var
 and the CMS levels with their pending gradients), and `HOPE.decode` costs one token's forward.
 Its logits equal those of the full forward on the whole window; `generate(..., recompute=True)`
 re-runs that forward per token instead (O(T^2), the reference the tests hold the decoder to).
+
+`cms.objective: teach` (spec §4.2, §6.2) makes every call an online pass: the sequence is cut
+into online chunks of `cms.teach_chunk` tokens (default the fastest CMS period), run one after
+another in a `lax.scan`; each chunk goes through every block (the mixers continue from the
+previous chunk exactly: `extend`, whole mixer chunks, conv history carried; attention through
+a KV cache), then its per-example LM loss (mean CE of the chunk's supervised pairs, position t
+supervised by token t+1 of the call) is differentiated by `jax.vjp` with respect to the CMS
+weights the chunk read. That gradient, 2 J^T delta with delta = d(loss)/d(level output), a
+constant (mode S), is what each level writes with (`CMS.teach`). Causal: the write after a
+chunk uses its tokens and targets, i.e. up to the next chunk's first token, and only later
+positions read it. The outer loss is `sft.lm_loss` on the logits, unchanged. The recurrent
+decoder does not make teach writes yet (`prefill` says so; `recompute=True` does).
+
+`cms.state: persistent` is the recipe's (`recipes/sft_hope.py`): `empty_memory`, `recall`
+(a sequence's fast state from the carried memory), `remember` (the next memory: the batch mean
+of the CMS states) and `absorb` (fold it into the initial weights for an export).
 """
 
 from __future__ import annotations
@@ -286,7 +302,7 @@ class HOPE(nnx.Module):
         return logits, HopeState(mixer=mixer, cms=carry.cms)
 
     def empty_memory(self) -> tuple[CMSMemory, ...]:
-        """`cms.state: persistent`'s memory before any token: per layer, a zero delta."""
+        """`cms.state: persistent`'s memory before any token: per layer, a zero offset."""
         return tuple(block.cms.empty_memory() for block in self.h)
 
     def recall(self, memory: tuple[CMSMemory, ...], batch_size: int) -> HopeState:
@@ -302,9 +318,9 @@ class HOPE(nnx.Module):
     def absorb(self, memory: tuple[CMSMemory, ...]) -> None:
         """Fold `memory` into the CMS initial weights (in place): an export that starts from it."""
         for block, m in zip(self.h, memory):
-            for ws, deltas in zip(block.cms.init_weights, m.delta):
-                for w, delta in zip(ws, deltas):
-                    w.set_value((w[...].astype(jnp.float32) + delta).astype(w[...].dtype))
+            for ws, offsets in zip(block.cms.init_weights, m.offset):
+                for w, offset in zip(ws, offsets):
+                    w.set_value((w[...].astype(jnp.float32) + offset).astype(w[...].dtype))
 
     def _embed(self, tokens, attention_mask):
         """-> (token embeddings [B, T, d], real-token mask [B, T]); the attention variant adds

@@ -11,10 +11,10 @@ Reports train and validation loss and the parameter count, and writes the final 
 
 `model.cms.state: persistent` (continual learning, spec §4.3): the CMS levels are not reset per
 sequence. The train state carries one CMS memory (`extra["memory"]`, per layer a
-`cms.CMSMemory`: each level's weights as a delta on its initial weights, its pending gradients
+`cms.CMSMemory`: each level's weights as an offset on its initial weights, its pending gradients
 and the token count), laid out like the CMS weights on the mesh and saved in the checkpoint,
 so a resumed run continues it exactly. Each step every row starts from it (initial weights +
-sg(delta)), writes as usual, and the next step's memory is the batch mean of the rows' final
+sg(offset)), writes as usual, and the next step's memory is the batch mean of the rows' final
 CMS states. One memory, not one per row: the loader's rows are independent shuffled windows,
 not B streams, so per-row memories would be B learners that each see 1/B of the data, cost B
 times the memory, and leave no single model to export or evaluate; the mean also lets
@@ -104,7 +104,7 @@ def initial_state(model_cfg: HopeConfig, tx, seed: int, mesh):
             return tuple((levels[i][0].get_value(), levels[i][1].get_value())
                          for i in range(len(levels)))
 
-        memory = tuple(m.replace(delta=like(i), pending=like(i), count=replicated(mesh))
+        memory = tuple(m.replace(offset=like(i), pending=like(i), count=replicated(mesh))
                        for i, m in enumerate(abstract.extra["memory"]))
         return out.replace(extra={"memory": memory})
 
