@@ -276,24 +276,36 @@ def test_bad_inputs_fail_before_compiling(base_dir, tmp_path):
         recipe.load_base(recipe_config(base_dir, tmp_path, **{"data.chunk": 64}))
 
 
-def test_tiny_run_pulls_the_policy_cost_down_to_its_budget(base_dir, tmp_path):
-    """PPO-Lagrangian + PID from a near-uniform policy (mean cost 1.75 rho) toward B = 0.5 rho,
-    through the launcher. The issue asks for |J_C - B| / B < 10%; this run does not get there
-    (measured: cost 1.7 -> 0.4 in 20 updates, still falling, lambda oscillating; see
-    docs/chunk_ttt.md), so it holds the part that works: the cost falls from over 3 B to
-    within 40% of B over the last 3 updates."""
+def test_initial_policy_spends_the_budget():
+    """The warm start: the maximum-entropy action distribution whose mean cost is B."""
+    from jaxrl.recipes.chunk_ttt import budget_logits
+
+    costs = 0.5 * np.asarray(ct.STEPS, np.float64)
+    for budget in (0.125, 0.5, 0.75):  # all under the uniform policy's 0.875
+        p = np.exp(budget_logits(costs, budget))
+        np.testing.assert_allclose([p.sum(), p @ costs], [1.0, budget], rtol=1e-5)
+        assert np.all(np.diff(p) < 0)  # dearer actions are rarer below the uniform's cost
+    assert np.exp(budget_logits(costs, 9.0)) @ costs == pytest.approx(0.9 * costs.max(), rel=1e-5)
+
+
+def test_tiny_run_holds_the_policy_cost_at_its_budget(base_dir, tmp_path):
+    """PPO-Lagrangian + PID at B = 0.5 rho through the launcher, from the warm start (mean
+    cost B). The reward pulls toward U4 (cost rises over B in the first updates), the PID's
+    lambda pushes back; the mean cost of the last 5 updates is within 10% of B (one update
+    is 96 decisions, ~25% noise on its own; measured 0.538, 7.6%)."""
     from jaxrl.launch import main
 
     rc = main(["configs/chunk_ttt.yaml", f"run.dir={tmp_path}", f"base={base_dir}",
                f"data.tokenizer={base_dir / 'tok'}", "data.chunk=16", "data.max_chunks=6", "data.train_docs=8",
                "data.pattern=json/*.py", "data.eval_packages=[zz]", "rho=1.0", "budgets=[0.5]",
                "ppo.num_envs=16", "ppo.rollout_steps=6", "ppo.epochs=2", "ppo.minibatches=2",
-               "fast.inner_lr=0.01", "ppo.lr=0.003", "ppo.target_kl=null", "ppo.ent_coef=0.03",
-               "pid.kp=2.0", "pid.ki=0.05", "pid.alpha_p=0.5", "loop.steps=20", "loop.log_every=1",
+               "fast.inner_lr=0.01", "ppo.lr=0.001", "loop.steps=20", "loop.log_every=1",
                "loop.progress=false"])
     assert rc == 0
     rows = [json.loads(x) for x in (tmp_path / "B0.5" / "metrics.jsonl").read_text().splitlines()]
-    costs = [r["cost_per_step"] for r in rows if "cost_per_step" in r]
-    assert costs[0] > 1.0  # it started well over budget
-    assert abs(np.mean(costs[-3:]) - 0.5) / 0.5 < 0.4, costs
+    rows = [r for r in rows if "cost_per_step" in r]
+    costs = [r["cost_per_step"] for r in rows]
+    assert max(costs[:8]) > 0.55  # left alone, the reward spends more than B
+    assert max(r["penalty_next"] for r in rows) > 0.3  # the PID pushed back
+    assert abs(np.mean(costs[-5:]) - 0.5) / 0.5 < 0.1, costs
     assert (tmp_path / "B0.5" / "policy.msgpack").is_file()

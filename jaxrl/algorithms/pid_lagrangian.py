@@ -6,6 +6,10 @@ incremental form (`lambda += K_P e + K_I sum(e) + ...`) integrates P and I a sec
 oscillates; it is not offered. Anti-windup: the integral is projected onto [0, I_max], so a
 long stretch under budget cannot bank credit that later lets cost overshoot.
 
+The error is relative, e = (J_C - B) / B, so one set of gains serves every budget: an
+absolute error makes B = 0.125 respond 16x slower than B = 2 (with the absolute form and
+kp 0.5, ki 0.05, a B = 0.5 policy was still 60% over budget after 30 updates).
+
 Pure functions of a `PIDState` pytree, updated once per PPO iteration; the state lives in the
 train state and so in every checkpoint.
 """
@@ -23,13 +27,14 @@ from jaxrl.core.config import ConfigError
 
 @dataclasses.dataclass
 class PIDConfig:
-    """Gains and smoothing; `budget` is the target mean cost per decision (extra forward-equivalents)."""
+    """Gains (per unit of relative error) and smoothing; `budget` is the target mean cost per
+    decision (extra forward-equivalents)."""
 
     budget: float = 1.0
-    kp: float = 0.5
-    ki: float = 0.05
+    kp: float = 2.0
+    ki: float = 0.5
     kd: float = 0.0
-    alpha_p: float = 0.95  # EMA of the proportional error
+    alpha_p: float = 0.5  # EMA of the proportional error
     alpha_d: float = 0.95  # EMA of the cost the derivative reads
     d_delay: int = 10  # derivative over this many updates
     lambda_init: float = 0.0
@@ -53,7 +58,7 @@ class PIDConfig:
 
 class PIDState(struct.PyTreeNode):
     integral: jax.Array  # I, in [0, integral_max]
-    p_ema: jax.Array  # P: EMA of (J_C - B)
+    p_ema: jax.Array  # P: EMA of (J_C - B) / B
     cost_ema: jax.Array  # Cd: EMA of J_C
     cost_history: jax.Array  # [d_delay] past Cd, oldest first
     penalty: jax.Array  # lambda after the last update
@@ -70,11 +75,11 @@ def init(cfg: PIDConfig) -> PIDState:
 def update(state: PIDState, cost: jax.Array, cfg: PIDConfig) -> PIDState:
     """Fold in this iteration's measured mean cost J_C -> the new state (its `penalty` is lambda)."""
     cost = jnp.asarray(cost, jnp.float32)
-    error = cost - cfg.budget
+    error = (cost - cfg.budget) / cfg.budget
     integral = jnp.clip(state.integral + cfg.ki * error, 0.0, cfg.integral_max)
     p_ema = cfg.alpha_p * state.p_ema + (1.0 - cfg.alpha_p) * error
     cost_ema = cfg.alpha_d * state.cost_ema + (1.0 - cfg.alpha_d) * cost
-    derivative = jnp.maximum(0.0, cost_ema - state.cost_history[0])
+    derivative = jnp.maximum(0.0, cost_ema - state.cost_history[0]) / cfg.budget
     penalty = jnp.clip(cfg.kp * p_ema + integral + cfg.kd * derivative, 0.0, cfg.lambda_max)
     history = jnp.concatenate([state.cost_history[1:], cost_ema[None]])
     return PIDState(integral=integral, p_ema=p_ema, cost_ema=cost_ema, cost_history=history,

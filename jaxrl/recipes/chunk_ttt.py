@@ -25,6 +25,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, serialization, struct
 
 from jaxrl.algorithms import pid_lagrangian
@@ -238,11 +239,35 @@ def setup(cfg: Config, splits: dict[str, int]):
 # Training
 
 
-class ConstrainedActorCritic(ActorCritic):
-    """ActorCritic whose critic has two heads: value[..., 0] = V_R, value[..., 1] = V_C."""
+def budget_logits(costs, budget: float) -> np.ndarray:
+    """Log-probabilities of the maximum-entropy action distribution with mean cost B,
+    p(a) ~ exp(-beta c(a)) (beta by bisection; B is capped at 90% of the dearest action)."""
+    costs = np.asarray(costs, np.float64)
+    target = min(budget, 0.9 * costs.max())
 
-    def __init__(self, obs_dim: int, num_actions: int, *, hidden, activation: str, rngs: nnx.Rngs):
+    def dist(beta):
+        z = -beta * costs
+        p = np.exp(z - z.max())
+        return p / p.sum()
+
+    lo, hi = -50.0 / costs.max(), 50.0 / costs.max()  # mean cost falls as beta grows
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if dist(mid) @ costs > target else (lo, mid)
+    return np.log(dist((lo + hi) / 2)).astype(np.float32)
+
+
+class ConstrainedActorCritic(ActorCritic):
+    """ActorCritic whose critic has two heads: value[..., 0] = V_R, value[..., 1] = V_C.
+
+    The actor starts at `init_logits` (its head's bias; the kernel is ~0): the maximum-entropy
+    policy that already spends the budget, so the PID holds a cost instead of chasing one
+    down from the uniform policy's 1.75 rho (at B = 0.5 that chase took the whole run)."""
+
+    def __init__(self, obs_dim: int, num_actions: int, *, hidden, activation: str,
+                 init_logits: np.ndarray, rngs: nnx.Rngs):
         super().__init__(obs_dim, num_actions, hidden=hidden, activation=activation, rngs=rngs)
+        self.actor.head.bias.value = jnp.asarray(init_logits)
         self.critic = MLP(obs_dim, hidden, 2, activation=activation, head_scale=1.0, rngs=rngs)
 
     def value(self, obs: jax.Array) -> jax.Array:
@@ -255,10 +280,13 @@ class TTTTrainState(struct.PyTreeNode):
 
 
 def make_ppo(cfg: Config, env: ct.ChunkTTTEnv, docs: ct.Docs | None) -> PPO:
+    init_logits = budget_logits(env.ttt.costs, env.ttt.budget)
+
     def make_model(key):
         return ConstrainedActorCritic(len(ct.FEATURES), len(ct.STEPS),
                                       hidden=tuple(cfg.policy.hidden),
-                                      activation=cfg.policy.activation, rngs=nnx.Rngs(key))
+                                      activation=cfg.policy.activation,
+                                      init_logits=init_logits, rngs=nnx.Rngs(key))
 
     return PPO(env, ct.EnvParams(docs), make_model, cfg.ppo, num_updates=cfg.loop.steps)
 
