@@ -46,7 +46,9 @@ class LoopResult:
     last_metrics: dict
     eval_metrics: dict
     trained_steps: int = 0  # steps this invocation ran (0: the checkpoint was already done)
-    timers: dict = field(default_factory=dict)  # seconds: compile_s, eval_s, checkpoint_s
+    # seconds: compile_s, eval_s, checkpoint_s, and step_s: the stepping that steps/s counts
+    timers: dict = field(default_factory=dict)
+    timed_steps: int = 0  # the steps step_s covers (all but the compiling call's)
 
 
 def train(
@@ -75,6 +77,8 @@ def train(
 
     Steps/s counts stepping only: the first (compiling) step, evaluations and checkpoint
     writes are timed and logged apart (`time/compile_s`, `time/eval_s`, `time/checkpoint_s`).
+    The result's `timers["step_s"]` and `timed_steps` are the same clock over the whole run,
+    so creating the state, restoring it and plotting never count as stepping.
     """
     loop = cfg.loop
     run_dir = Path(cfg.run.dir)
@@ -98,21 +102,22 @@ def train(
         _log(f"nothing left to train: the checkpoint is at step {step} and loop.steps="
              f"{loop.steps}; raise loop.steps to train longer (evaluating only).")
     saved = [ckpt.latest_step()]
-    timers = {"compile_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
+    timers = {"compile_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "step_s": 0.0}
+    timed_steps = 0
 
     def save(at_step: int):
+        began = time.perf_counter()  # the finiteness check (and its compile) is not stepping
         if not _all_finite(state):
             raise NonFiniteError(_nonfinite_message(at_step, {"params": "NaN/Inf"}, ckpt))
-        began = time.perf_counter()
         ckpt.save(at_step, state, data=data, meta={"step": at_step})
         timers["checkpoint_s"] += time.perf_counter() - began
         saved[0] = at_step
 
     def run_eval(at_step: int) -> dict:
         flush()  # metrics first: a NaN loss stops here, before eval sees the state
+        began = time.perf_counter()
         if not _all_finite(state):
             raise NonFiniteError(_nonfinite_message(at_step, {"params": "NaN/Inf"}, ckpt))
-        began = time.perf_counter()
         out = eval_fn(state, at_step)
         timers["eval_s"] += time.perf_counter() - began
         writer.write(at_step, {**out, "time/eval_s": time.perf_counter() - began})
@@ -131,7 +136,7 @@ def train(
 
     def flush():
         """Bring pending step metrics to the host, check them, write their mean."""
-        nonlocal last
+        nonlocal last, timed_steps
         if not pending:
             return
         host = []  # (step, metrics) per step; a fused call's metrics are stacked over its steps
@@ -147,9 +152,12 @@ def train(
         last = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
         now = time.perf_counter()
         paused = timers["eval_s"] + timers["checkpoint_s"]  # cumulative, excluded from steps/s
-        rate = (step - clock["step"]) / max(now - clock["t"] - (paused - clock["paused"]), 1e-9)
+        seconds = now - clock["t"] - (paused - clock["paused"])
+        rate = (step - clock["step"]) / max(seconds, 1e-9)
         if step > clock["step"]:
             last["steps_per_sec"] = rate
+            timers["step_s"] += seconds
+            timed_steps += step - clock["step"]
             if tokens_per_step:
                 last["tokens_per_sec"] = rate * tokens_per_step
         row = dict(last)
@@ -222,7 +230,7 @@ def train(
     if jax.process_index() == 0 and writer.path.exists():
         metrics_lib.plot_metrics(writer.path, run_dir / "metrics.png")
     return LoopResult(state=state, step=step, last_metrics=last, eval_metrics=evals,
-                      trained_steps=step - start_step, timers=timers)
+                      trained_steps=step - start_step, timers=timers, timed_steps=timed_steps)
 
 
 def _fused_count(step: int, loop) -> int:

@@ -194,7 +194,6 @@ def run(cfg: Config) -> dict:
     start = time.perf_counter()
     result = train(cfg, state=init, step_fn=update, key=train_key, eval_fn=eval_fn)
     seconds = time.perf_counter() - start
-    stepping = seconds - sum(result.timers.values())
 
     returns = policy_returns(result.state)
     table = {"ppo": returns.reshape(-1)}  # every seed's episodes pooled
@@ -211,9 +210,11 @@ def run(cfg: Config) -> dict:
         "env_steps": env_steps,
         "train_seconds": round(seconds, 1),  # this invocation, incl. compile and evaluations
         **({"seeds": seeds} if seeds > 1 else {}),
-        **({"compile_seconds": round(result.timers["compile_s"], 1),
-            # stepping only: no compile, evaluation or checkpoint time
-            "env_steps_per_sec": round(result.trained_steps * per_update / max(stepping, 1e-9))} if result.trained_steps else {}),
+        **({"compile_seconds": round(result.timers["compile_s"], 1)} if result.trained_steps else {}),
+        # the loop's steps/s clock: no compile, state creation, evaluation or checkpoint time
+        **({"env_steps_per_sec": round(result.timed_steps * per_update
+                                       / max(result.timers["step_s"], 1e-9))}
+           if result.timed_steps else {}),
         "eval_policy": "greedy" if cfg.eval.greedy else "sampled",
         "eval_episodes": cfg.eval.episodes,
         "returns": {name: _stats(r) for name, r in table.items()},
