@@ -8,8 +8,9 @@ user runs), rejax's PPO (PureJaxRL-style, whole run in one jit) and Stable-Basel
 (PyTorch, 4 DummyVecEnv envs). Shared settings are PureJaxRL's CartPole config: 4 envs x 128
 steps, 4 epochs x 4 minibatches, gamma 0.99, lambda 0.95, clip 0.2 (policy and value), vf 0.5,
 ent 0.01, Adam 2.5e-4 annealed to 0, grad norm 0.5, 64x64 tanh actor and critic.
-`env_steps_per_s` excludes compilation on the JAX rows; final return is the greedy policy's
-mean over fresh episodes. SB3 runs a smaller budget by default (it is ~50x slower here), so its
+`env_steps_per_s` excludes compilation on the JAX rows (jaxrl's also excludes creating the
+state, mostly its compile, and writing metrics.png); final return is the greedy policy's mean
+over fresh episodes. SB3 runs a smaller budget by default (it is ~50x slower here), so its
 return is at that budget, which the row states. A peer that cannot be imported gets a
 "not installed" row (`pip install -e .[bench]`). `--check` exits 1 when a ratio in the JSON
 falls below its floor in `benchmarks/floors.json`.
@@ -52,7 +53,8 @@ def run_jaxrl() -> dict:
             "wall_s": summary["train_seconds"], "compile_s": summary["compile_seconds"],
             "final_return": summary["returns"]["ppo"]["mean"],
             "how": "jaxrl.launch configs/ppo_cartpole.yaml: updates fused between log points "
-                   "(loop.max_fused_steps); rate over stepping only"}
+                   "(loop.max_fused_steps); rate from the loop's steps/s clock (no compile, state "
+                   "creation, evaluation or plotting)"}
 
 
 class _FiveTuple:

@@ -128,13 +128,16 @@ def test_steps_per_sec_excludes_compile_and_eval(tmp_path, program):
         time.sleep(1.0)
         return {"eval": 1.0}
 
-    train(cfg(tmp_path, 6, log_every=2, eval_every=2), state=init, step_fn=step,
-          key=jax.random.key(0), eval_fn=slow_eval)
+    result = train(cfg(tmp_path, 6, log_every=2, eval_every=2), state=init, step_fn=step,
+                   key=jax.random.key(0), eval_fn=slow_eval)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     rates = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r]
     assert [r["time/eval_s"] >= 1.0 for r in rows if "time/eval_s" in r] == [True] * 3
     assert "time/compile_s" in rows[0]
     assert min(rates) > 10  # a 1 s eval every 2 steps would cap it at 2 steps/s
+    # The run's clock (what PPO's env_steps_per_sec reads): the 4 steps after the compiling
+    # call, none of the three 1 s evaluations.
+    assert result.timed_steps == 4 and result.timers["step_s"] < 1.0
 
 
 def test_loading_a_config_starts_no_jax_backend():
