@@ -216,8 +216,8 @@ def test_teach_pass_at_zero_lr_gives_the_one_call_forward():
     random conv here) and M_memory published on its 8-token period of the whole sequence, its
     logits at cms.lr=0 are the plain forward's. T=13 ends in a short chunk."""
     tokens = jax.random.randint(jax.random.key(15), (2, 13), 0, PAD)
-    models = {obj: HOPE(hope_config(n_layer=1, cms=dataclasses.replace(TEACH, lr=0.0, objective=obj)),
-                        rngs=nnx.Rngs(0)) for obj in ("local", "teach")}
+    cms = {obj: dataclasses.replace(TEACH, lr=0.0, objective=obj) for obj in ("local", "teach")}
+    models = {obj: HOPE(hope_config(n_layer=1, cms=c), rngs=nnx.Rngs(0)) for obj, c in cms.items()}
     conv = models["local"].h[0].mixer.conv.kernel
     conv.set_value(jax.random.normal(jax.random.key(16), conv.shape))
     nnx.update(models["teach"], nnx.state(models["local"]))
@@ -234,8 +234,8 @@ def test_teach_write_steps_along_the_chunk_loss_gradient_and_lowers_it():
     level_cfg = dict(periods=(4,), lr=0.05)
     teach = HOPE(hope_config(mixer="attention", n_layer=1,
                              cms=CMSConfig(objective="teach", **level_cfg)), rngs=nnx.Rngs(0))
-    plain = HOPE(hope_config(mixer="attention", n_layer=1, cms=CMSConfig(**{**level_cfg, "lr": 0.0})),
-                 rngs=nnx.Rngs(0))
+    plain = HOPE(hope_config(mixer="attention", n_layer=1,
+                             cms=CMSConfig(**{**level_cfg, "lr": 0.0})), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(plain)
 
     def chunk_loss(level_weights):  # mean CE of the chunk's 3 pairs, the level at these weights
@@ -318,7 +318,8 @@ def test_persistent_cms_memory_carries_across_steps_and_resumes_exactly(tmp_path
     """cms.state=persistent (teach objective): step 2 starts each row from step 1's batch-mean
     CMS state as an offset on the (updated) initial weights, which a fresh start does not; a
     checkpoint restored between the steps gives step 2 bit for bit."""
-    cfg = hope_config(mixer="attention", n_layer=1, cms=dataclasses.replace(TEACH, state="persistent"))
+    cfg = hope_config(mixer="attention", n_layer=1,
+                      cms=dataclasses.replace(TEACH, state="persistent"))
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     init = sft_hope.initial_state(cfg, optax.adam(1e-2), 0, mesh)
     step = compile_step(sft_hope.train_step, mesh, init.shardings, donate=False)

@@ -242,8 +242,8 @@ class CMS(nnx.Module):
         weights = tuple((per_example(w_in, batch_size) + sg(d_in), per_example(w_out, batch_size)
                          + sg(d_out)) for (w_in, w_out), (d_in, d_out)
                         in zip(self.init_weights, memory.offset))
-        return CMSState(weights=weights, pending=jax.tree.map(lambda p: rows(sg(p)), memory.pending),
-                        count=rows(memory.count))
+        pending = jax.tree.map(lambda p: rows(sg(p)), memory.pending)
+        return CMSState(weights=weights, pending=pending, count=rows(memory.count))
 
     def remember(self, fast: CMSState) -> CMSMemory:
         """The batch mean of the examples' states, as a constant offset on the initial weights."""

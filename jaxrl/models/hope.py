@@ -93,7 +93,7 @@ class HopeConfig:
         grain = {"selfmod": self.memory.chunk_size, "titans": self.memory.chunk_size,
                  "attention": 1}[self.mixer]
         if self.cms.objective == "teach" and self.cms.online_chunk % grain:
-            raise ConfigError(f"cms.teach_chunk={self.cms.online_chunk} (0: the fastest CMS period) "
+            raise ConfigError(f"cms.teach_chunk={self.cms.online_chunk} (0: the fastest period) "
                               f"must be a multiple of memory.chunk_size={grain}: the online teach "
                               "pass feeds the mixer whole chunks.")
 
@@ -254,7 +254,7 @@ class HOPE(nnx.Module):
         B, T, d = x.shape
         C = cfg.cms.online_chunk
         N = -(-T // C)
-        pairs = lambda a: jnp.pad(a, ((0, 0), (0, N * C - T + 1)))  # noqa: E731  [B, T-1] -> [B, N*C]
+        pairs = lambda a: jnp.pad(a, ((0, 0), (0, N * C - T + 1)))  # noqa: E731  -> [B, N*C]
         targets = pairs(tokens[:, 1:])
         supervised = pairs(real[:, 1:] & real[:, :-1]).astype(jnp.float32)
         x, real = pad_to_chunks(x, C), pad_to_chunks(real, C)  # [B, N*C, ...]

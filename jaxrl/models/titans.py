@@ -690,7 +690,8 @@ class SelfModTitans(nnx.Module):
                                 SelfModState(memories=dec.memories, visible=dec.visible),
                                 publish_last=False, position=dec.position)
         dec = dec.replace(start=state.memories, memories=state.memories, visible=state.visible,
-                          conv=self.conv.history(x_in, dec.conv), position=dec.position + x.shape[1])
+                          conv=self.conv.history(x_in, dec.conv),
+                          position=dec.position + x.shape[1])
         return self.out(y.astype(self.dtype)), dec
 
     def finish(self, dec: SelfModDecode) -> SelfModState:
