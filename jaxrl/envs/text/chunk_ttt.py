@@ -97,8 +97,8 @@ class Docs:
     valid: jax.Array  # [N, T] bool: chunk t exists
     cut: jax.Array  # [N] bool: the document went on past T chunks
     # The start weights every document resets to. They ride here, as an argument of every
-    # jitted rollout, because closing over them as constants gave NaN logits on XLA CPU
-    # (jaxlib 0.10.2, flakily; see docs/chunk_ttt.md).
+    # jitted rollout: closed over as constants they gave NaN logits in jaxlib 0.10.2's YNNPACK
+    # fusions (8 of 10 compiles with the fusions on, 0 of 10 off; see docs/chunk_ttt.md).
     fast0: Any
 
     @property
