@@ -74,7 +74,7 @@ def train_step(state: TrainState, batch: dict, key: jax.Array):
         return loss, memory
 
     (loss, memory), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.apply_gradients(grads, extra={"memory": memory}), metrics
 
 
