@@ -1,6 +1,7 @@
 """On-policy distillation: the per-token reverse-KL advantage and its discounting by hand,
-the update lowers the student-teacher reverse KL and raises a toy pass rate (teacher of another architecture), a teacher
-with another vocabulary or tokenization is refused, and the rtl_distill recipe runs."""
+the update lowers the student-teacher reverse KL and raises a toy pass rate (teacher of
+another architecture), a teacher with another vocabulary or tokenization is refused, and the
+rtl_distill recipe runs."""
 
 import functools
 import json
