@@ -81,8 +81,11 @@ def _home_file() -> Path | None:
 ATTACKS = {
     "infinite_loop": ("while True:\n    pass\n", "time"),
     "busy_thread": (
+        # A spin that allocates nothing: a growing list hit the memory limit in ~1 s on a fast
+        # CPU, the thread died of MemoryError, join returned and the sample passed.
         "import threading\n"
-        "def add(a, b):\n    t = threading.Thread(target=lambda: [0 for _ in iter(int, 1)])\n"
+        "def spin():\n    while True:\n        pass\n"
+        "def add(a, b):\n    t = threading.Thread(target=spin)\n"
         "    t.start(); t.join()\n    return a + b\n",
         "time",
     ),
