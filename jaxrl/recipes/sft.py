@@ -52,6 +52,11 @@ class Config(RecipeConfig):
 def lm_loss(model: gpt2.GPT2, batch: dict, *, deterministic: bool = True, rngs=None):
     """Mean next-token cross-entropy over `loss_mask`; -> (loss, number of target tokens)."""
     logits = model(batch["tokens"], batch["attention_mask"], deterministic=deterministic, rngs=rngs)
+    return masked_cross_entropy(logits, batch)
+
+
+def masked_cross_entropy(logits: jax.Array, batch: dict):
+    """Mean cross-entropy of `logits` against the batch's targets over `loss_mask`; -> (loss, count)."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     count = mask.sum()

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -58,10 +57,8 @@ def persistent_loss(model: HOPE, memory: tuple, batch: dict):
     """`sft.lm_loss` with the CMS starting from `memory`. -> (loss, (token count, memory'))."""
     fast = model.recall(memory, batch["tokens"].shape[0])
     logits, fast = model(batch["tokens"], batch["attention_mask"], fast=fast)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    count = mask.sum()
-    return (losses * mask).sum() / jnp.maximum(count, 1.0), (count, model.remember(fast))
+    loss, count = sft.masked_cross_entropy(logits, batch)
+    return loss, (count, model.remember(fast))
 
 
 def train_step(state: TrainState, batch: dict, key: jax.Array):
