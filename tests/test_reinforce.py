@@ -305,6 +305,39 @@ def test_tiny_gpt2_learns_to_be_positive(settings):
     assert len(samples) == 4 and {"prompt", "completion", "sentiment", "reward"} <= set(samples[0])
 
 
+def test_prefetch_samples_the_next_batch_with_the_pre_update_params():
+    """With rollout.prefetch the batch step i trains on was dispatched at step i-1 with the
+    params before update i-1: exactly what a plain collector samples with those params."""
+    rollout_cfg = RolloutConfig(prompts_per_step=2, group_size=2, max_new_tokens=6, prefetch=True)
+    cfg = PolicyGradientConfig(loss="is_reinforce")
+    state = init_state(small_model(0), optax.adam(1e-2))
+    compiled = jax.jit(functools.partial(update, cfg=cfg), donate_argnums=0)
+    trained_on = []
+
+    def update_fn(state, rollout, key):  # the real update; keeps what it was handed
+        trained_on.append(jax.device_get(rollout.logprobs))
+        return compiled(state, rollout, key)
+
+    env = sentiment_env()
+    step, _ = make_train_step(env, state.graphdef, rollout_cfg, n_positions=16, ref_params=None,
+                              update_fn=update_fn)
+    params, keys = [], []
+    for i in range(3):
+        keys.append(jax.random.split(jax.random.fold_in(jax.random.key(0), i))[0])  # sample keys
+        params.append(jax.tree.map(jnp.copy, state.params))  # the update donates them
+        state, _ = step(state, None, jax.random.fold_in(jax.random.key(0), i))
+    plain = RolloutCollector(env, state.graphdef, dataclasses.replace(rollout_cfg, prefetch=False),
+                             n_positions=16, ref_params=None)
+    logprobs = lambda p, i, k: np.asarray(plain.collect(p, i, k).logprobs)  # noqa: E731
+    np.testing.assert_allclose(trained_on[0], logprobs(params[0], 0, keys[0]), atol=1e-6)
+    for i in (1, 2):
+        stale = logprobs(params[i - 1], i, jax.random.fold_in(keys[i - 1], 1))
+        np.testing.assert_allclose(trained_on[i], stale, atol=1e-6)
+        on_policy = logprobs(params[i], i, jax.random.fold_in(keys[i - 1], 1))
+        assert not np.allclose(trained_on[i], on_policy, atol=1e-4)  # the updates moved the params
+    assert int(state.step) == 3
+
+
 def test_recipe_without_a_checkpoint_names_the_sft_command(tmp_path, capsys):
     from jaxrl import launch
 

@@ -227,7 +227,8 @@ def test_rl_on_the_real_grader_raises_mean_reward(grader, counter_fsm):
     answers.append("I am not sure.\n")
     tokenizer = AnswerTokenizer([render_prompt(counter), render_prompt(fsm), *answers])
     env = RTLEnv([counter, fsm], tokenizer, grader, max_prompt_tokens=1)
-    rollout_cfg = RolloutConfig(prompts_per_step=2, group_size=4, max_new_tokens=2)
+    # As rtl_rl runs it: the next batch samples while the grader simulates this one.
+    rollout_cfg = RolloutConfig(prompts_per_step=2, group_size=4, max_new_tokens=2, prefetch=True)
     cfg = PolicyGradientConfig(advantage="rloo", kl_coef=0.0)
     model = GPT2(GPT2Config(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, n_positions=4,
                             n_embd=32, n_layer=1, n_head=2), rngs=nnx.Rngs(0))
@@ -263,6 +264,8 @@ def test_rtl_rl_recipe_runs_and_refuses_a_model_too_short(tmp_path, capsys):
             "rtl.eval_samples=1", "loop.steps=1", "loop.log_every=1", "loop.progress=false"]
     assert launch.main([*args, "rollout.max_new_tokens=64"]) == 2
     assert "exceeds the model's n_positions=88" in capsys.readouterr().err
+    assert launch.main([*args, "rtl.turns=2"]) == 2  # the config prefetches; multi-turn cannot
+    assert "set rollout.prefetch=false with multi-turn" in capsys.readouterr().err
     assert launch.main(args) == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["steps"] == 1 and "simulations" in result

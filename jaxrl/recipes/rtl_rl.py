@@ -44,6 +44,10 @@ class Config(RecipeConfig):
         self.reinforce.check_rollout(batch_size=self.rollout.batch_size,
                                      group_size=self.rollout.group_size,
                                      temperature=self.rollout.sampling.temperature)
+        if self.rtl.turns > 1 and self.rollout.prefetch:
+            raise ConfigError(f"rtl.turns={self.rtl.turns} grades each batch between its turns, so "
+                              "the next batch cannot be sampled meanwhile: set "
+                              "rollout.prefetch=false with multi-turn rollouts.")
 
 
 @dataclasses.dataclass

@@ -1,12 +1,15 @@
 """The host half of LM reinforcement learning: sample, score, hand a `Rollout` to the update.
 
-`RolloutCollector.collect` takes the env's prompts for a step, samples `group_size`
-completions of each with the jitted `generate`, dispatches the reference model's log-prob
-pass, and only then blocks on the host to decode and reward the completions, so the device
-scores the reference while the host scores the text. `make_train_step` wraps it and a
-compiled pure update (`jaxrl.algorithms.policy_gradient.update`) into the core loop's
-`step(state, None, key)`; beyond the completions it scores, the step reads nothing back from
-the device that it would have to wait for.
+`RolloutCollector.start` takes the env's prompts for a step, dispatches `group_size`
+completions of each with the jitted `generate` and the reference model's log-prob pass;
+`finish` then blocks on the host to decode and reward the completions, so the device scores
+the reference while the host scores the text. `make_train_step` wraps it and a compiled pure
+update (`jaxrl.algorithms.policy_gradient.update`) into the core loop's `step(state, None,
+key)`; beyond the completions it scores, the step reads nothing back from the device that it
+would have to wait for. With `rollout.prefetch` the step also dispatches the *next* batch's
+sampling before it grades this one, so the device samples while the host runs rewards (a
+simulator, a sandbox): each batch is then sampled one update stale, which the update's
+importance ratio against the stored sampler log-probs accounts for (PipelineRL / async GRPO).
 
 Known limit: one process. `score` reads the whole batch on this host (the recipe's
 `SINGLE_PROCESS` says so to `jaxrl.launch`).
@@ -36,6 +39,8 @@ class RolloutConfig:
     group_size: int = 4  # completions per prompt; rows [i*G, (i+1)*G) share prompt i
     max_new_tokens: int = 48
     sampling: Sampling = dataclasses.field(default_factory=Sampling)
+    # Sample batch i+1 while the host scores batch i (one update stale; see the module doc).
+    prefetch: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -65,6 +70,15 @@ class Rollout:
 
 
 @dataclasses.dataclass
+class PendingRollout:
+    """A batch whose sampling and reference pass are dispatched but not yet scored."""
+
+    texts: list[str]  # the prompt of each row
+    generation: Generation
+    ref_logprobs: jax.Array
+
+
+@dataclasses.dataclass
 class Samples:
     """A few decoded completions, for logs and README tables."""
 
@@ -82,6 +96,8 @@ class Samples:
 
 class RolloutCollector:
     """Samples and scores completions of the env's prompts with given params (host-driven)."""
+
+    can_prefetch = True  # False where a batch is graded between samplings (multi-turn)
 
     def __init__(self, env: TextEnv, graphdef: nnx.GraphDef, cfg: RolloutConfig, *,
                  n_positions: int, ref_params: nnx.State | None, batch_sharding=None,
@@ -121,6 +137,10 @@ class RolloutCollector:
 
     def collect(self, params: nnx.State, index: int, key: jax.Array) -> Rollout:
         """Rollout number `index`: its prompts, each sampled `group_size` times."""
+        return self.finish(self.start(params, index, key))
+
+    def start(self, params: nnx.State, index: int, key: jax.Array) -> PendingRollout:
+        """Dispatch rollout number `index`'s sampling and reference pass; returns at once."""
         cfg = self.cfg
         prompts = self.env.prompt_batch(index, cfg.prompts_per_step)
         tokens = np.repeat(prompts.tokens, cfg.group_size, axis=0)
@@ -133,10 +153,16 @@ class RolloutCollector:
         if self.ref_params is not None:
             ref = self._ref_logprobs(self.ref_graphdef, self.ref_params, generation.tokens,
                                      generation.mask)
-        rewards, self.last_samples = self.score(texts, generation)
+        return PendingRollout(texts, generation, ref)
+
+    def finish(self, pending: PendingRollout) -> Rollout:
+        """Score a started batch on the host (blocks until its generation is done)."""
+        generation, cfg = pending.generation, self.cfg
+        rewards, self.last_samples = self.score(pending.texts, generation)
         return Rollout(tokens=generation.tokens, mask=generation.mask,
                        response_mask=generation.response_mask, logprobs=generation.logprobs,
-                       ref_logprobs=ref, rewards={k: self._place(v) for k, v in rewards.items()},
+                       ref_logprobs=pending.ref_logprobs,
+                       rewards={k: self._place(v) for k, v in rewards.items()},
                        group_size=cfg.group_size, sampling=cfg.sampling)
 
     def _place(self, x: np.ndarray) -> jax.Array:
@@ -199,6 +225,7 @@ class _StepClock:
 
     index: int | None = None  # the next rollout's number; read from the state once (resume)
     previous: dict | None = None  # the last update's metrics, checked one step late
+    pending: PendingRollout | None = None  # rollout.prefetch: batch `index`, already sampling
 
 
 def make_train_step(env: TextEnv, graphdef: nnx.GraphDef, cfg: RolloutConfig, *,
@@ -215,10 +242,18 @@ def make_train_step(env: TextEnv, graphdef: nnx.GraphDef, cfg: RolloutConfig, *,
     metrics once this step's rollout is scored: by then they are computed, so reading them
     costs no wait. `ref_graphdef`: the reference's architecture when it is not the policy's;
     `collector`: a ready one (e.g. the RTL env's multi-turn collector) instead of a new one.
+
+    `cfg.prefetch`: batch i+1 is dispatched with the pre-update params before batch i is
+    scored. A resumed run samples its first batch with the restored params (on-policy), so
+    with prefetch, resume is exact up to that one batch's sampling staleness.
     """
     collector = collector or RolloutCollector(env, graphdef, cfg, n_positions=n_positions,
                                               ref_params=ref_params, batch_sharding=batch_sharding,
                                               ref_graphdef=ref_graphdef)
+    if cfg.prefetch and not collector.can_prefetch:
+        raise ConfigError(f"rollout.prefetch=true needs a one-pass collector; "
+                          f"{type(collector).__name__} grades between turns before it can sample "
+                          "again. Set rollout.prefetch=false (or use one turn).")
     guard = guard or CollapseGuard(GuardConfig())
     clock = _StepClock()
 
@@ -229,7 +264,14 @@ def make_train_step(env: TextEnv, graphdef: nnx.GraphDef, cfg: RolloutConfig, *,
         if clock.index is None:
             clock.index = int(state.step)
         sample_key, update_key = jax.random.split(key)
-        rollout = collector.collect(state.params, clock.index, sample_key)
+        if cfg.prefetch:
+            pending = clock.pending or collector.start(state.params, clock.index, sample_key)
+            # The next batch samples with these params while the host scores this one.
+            clock.pending = collector.start(state.params, clock.index + 1,
+                                            jax.random.fold_in(sample_key, 1))
+            rollout = collector.finish(pending)
+        else:
+            rollout = collector.collect(state.params, clock.index, sample_key)
         if clock.previous is not None:
             entropy, kl = jax.device_get((clock.previous["entropy"], clock.previous["kl"]))
             guard.check(clock.index, float(entropy), float(kl))

@@ -275,6 +275,8 @@ class MultiTurnCollector(RolloutCollector):
     `first_turn_passed` and `turns_used` beside the stage rewards.
     """
 
+    can_prefetch = False
+
     def __init__(self, env: RTLEnv, graphdef, cfg, rtl: RTLEnvConfig, **kwargs):
         if env.max_prompt_tokens != rtl.prompt_width:
             raise ValueError(f"multi-turn prompts are {rtl.prompt_width} tokens wide "
