@@ -155,7 +155,8 @@ def test_rtl_distill_recipe_runs_and_refuses_a_teacher_with_another_vocabulary(t
     save_pretrained(GPT2(GPT2Config(vocab_size=1000, pad_id=999, n_positions=88, n_embd=16, n_layer=1,
                                     n_head=2), rngs=nnx.Rngs(1)), tmp_path / "other_vocab")
     args = ["configs/rtl_distill.yaml", f"run.dir={tmp_path / 'run'}",
-            f"init_from={tmp_path / 'student'}", "rollout.prompts_per_step=4",
+            f"init_from={tmp_path / 'student'}", "tokenizer=gpt2", "teacher_tokenizer=gpt2",
+            "rollout.prompts_per_step=4",
             "rollout.group_size=2", "rollout.max_new_tokens=8", "rtl.eval_samples=1",
             "rtl.max_prompt_tokens=80",
             "loop.steps=1", "loop.log_every=1", "loop.progress=false"]

@@ -258,14 +258,18 @@ def test_rtl_rl_recipe_runs_and_refuses_a_model_too_short(tmp_path, capsys):
 
     save_pretrained(GPT2(GPT2Config(n_positions=88, n_embd=16, n_layer=1, n_head=2),
                          rngs=nnx.Rngs(0)), tmp_path / "sft")
+    save_pretrained(GPT2(GPT2Config(vocab_size=1000, pad_id=999, n_positions=88, n_embd=16,
+                                    n_layer=1, n_head=2), rngs=nnx.Rngs(0)), tmp_path / "other_vocab")
     args = ["configs/rtl_rl.yaml", f"run.dir={tmp_path / 'run'}", f"init_from={tmp_path / 'sft'}",
-            "rtl.max_prompt_tokens=80",
+            "tokenizer=gpt2", "rtl.max_prompt_tokens=80",
             "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=8",
             "rtl.eval_samples=1", "loop.steps=1", "loop.log_every=1", "loop.progress=false"]
     assert launch.main([*args, "rollout.max_new_tokens=64"]) == 2
     assert "exceeds the model's n_positions=88" in capsys.readouterr().err
     assert launch.main([*args, "rtl.turns=2"]) == 2  # the config prefetches; multi-turn cannot
     assert "set rollout.prefetch=false with multi-turn" in capsys.readouterr().err
+    assert launch.main([*args, f"init_from={tmp_path / 'other_vocab'}"]) == 2
+    assert "has a vocabulary of 999 ids (+ pad) but the tokenizer 'gpt2'" in capsys.readouterr().err
     assert launch.main(args) == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["steps"] == 1 and "simulations" in result

@@ -88,13 +88,21 @@ class Config(RecipeConfig):
                                      temperature=self.rollout.sampling.temperature)
 
 
-def load_policy(init_from: str, sft_command: str = SFT_COMMAND) -> gpt2.GPT2:
+def load_policy(init_from: str, sft_command: str = SFT_COMMAND,
+                tokenizer: Tokenizer | None = None) -> gpt2.GPT2:
+    """A HF GPT-2 directory, checked (before loading) against the tokenizer it will read."""
     path = Path(init_from)
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"init_from={init_from!r}: no GPT-2 checkpoint there ({path / 'config.json'} is "
             f"missing). Train one with `{sft_command}` (it writes <run dir>/hf), "
             "or set init_from=<a Hugging Face GPT-2 directory>.")
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    if tokenizer is not None and vocab + 1 != tokenizer.vocab_size:  # + our pad row
+        raise ConfigError(
+            f"{init_from!r} has a vocabulary of {vocab} ids (+ pad) but the tokenizer "
+            f"{tokenizer.name!r} has {tokenizer.vocab_size}: the model would read other tokens "
+            "than it was trained on. Set `tokenizer:` to the one its SFT data was made with.")
     return gpt2.from_pretrained(path)
 
 

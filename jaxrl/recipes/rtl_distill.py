@@ -32,6 +32,7 @@ SINGLE_PROCESS = reinforce.SINGLE_PROCESS
 class Config(RecipeConfig):
     init_from: str = "runs/sft_gpt2_verilog_student/hf"  # the student: HF GPT-2 directory
     teacher: str = "runs/sft_gpt2_verilog/hf"  # the teacher: HF GPT-2 directory
+    tokenizer: str = "gpt2"  # the student's: "gpt2" or a trained tokenizer directory
     teacher_tokenizer: str = "gpt2"  # what the teacher was trained with ("gpt2" or a tokenizer path)
     rtl: RTLEnvConfig = dataclasses.field(default_factory=RTLEnvConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=lambda: RolloutConfig(max_new_tokens=320))
@@ -47,8 +48,8 @@ class Config(RecipeConfig):
 
 
 def run(cfg: Config) -> dict:
-    tokenizer = Tokenizer.gpt2()
-    student = reinforce.load_policy(cfg.init_from, SFT_COMMAND)
+    tokenizer = Tokenizer.from_spec(cfg.tokenizer)
+    student = reinforce.load_policy(cfg.init_from, SFT_COMMAND, tokenizer)
     teacher = reinforce.load_policy(cfg.teacher, TEACHER_COMMAND)
     mesh = make_mesh(cfg.mesh)
     rtl = setup(cfg, tokenizer, student, mesh, grade_train=cfg.distill.reward_coef > 0)

@@ -24,14 +24,16 @@ from jaxrl.eval.sandbox import Sandbox
 from jaxrl.eval.verilog import VerilogGrader
 from jaxrl.recipes import reinforce
 
-SFT_COMMAND = ("python -m jaxrl.launch configs/sft_gpt2_verilog.yaml loop.steps=200 "
-               "run.dir=runs/sft_gpt2_verilog_student")
+SFT_COMMAND = ("python -m jaxrl.launch configs/sft_gpt2_verilog.yaml loop.steps=1000 "
+               "optimizer.decay_steps=1000 run.dir=runs/sft_gpt2_verilog_student (after the two "
+               "`python -m jaxrl.data` commands in that file's header)")
 SINGLE_PROCESS = reinforce.SINGLE_PROCESS
 
 
 @dataclasses.dataclass
 class Config(RecipeConfig):
     init_from: str = "runs/sft_gpt2_verilog_student/hf"  # HF GPT-2 directory (the Verilog SFT export)
+    tokenizer: str = "gpt2"  # "gpt2" or the trained tokenizer directory the SFT data was made with
     rtl: RTLEnvConfig = dataclasses.field(default_factory=RTLEnvConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=lambda: RolloutConfig(max_new_tokens=320))
     reinforce: PolicyGradientConfig = dataclasses.field(default_factory=PolicyGradientConfig)
@@ -99,8 +101,8 @@ def _multi_turn(env, graphdef, rollout_cfg, *, rtl, **kwargs):
 
 
 def run(cfg: Config) -> dict:
-    tokenizer = Tokenizer.gpt2()
-    model = reinforce.load_policy(cfg.init_from, SFT_COMMAND)
+    tokenizer = Tokenizer.from_spec(cfg.tokenizer)
+    model = reinforce.load_policy(cfg.init_from, SFT_COMMAND, tokenizer)
     mesh = make_mesh(cfg.mesh)
     rtl = setup(cfg, tokenizer, model, mesh)
     try:

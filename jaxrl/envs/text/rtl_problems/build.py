@@ -821,23 +821,30 @@ EVAL_IDS = ["0003", "0005", "0007", "0009", "0012", "0014", "0018", "0020", "002
             "0049", "0051", "0054", "0058", "0061", "0064", "0066"]
 
 
-# More variants of the same families, for the SFT corpus only (never a problem's exact design).
+# Parameter sweeps of the same families, for the SFT corpus only. Many renderings per family
+# teach the model to follow the prompt's parameters (width, depth, pattern) instead of recalling
+# one sibling; `corpus` drops any rendering whose module is an eval design, so none is trained on.
+def _sweep(lo, hi):
+    return range(lo, hi + 1)
+
+
 CORPUS_EXTRA = [
-    *[mux2(w, "x") for w in (2, 3, 5, 6, 12)], *[mux4(w, "x") for w in (2, 3, 6)],
-    decoder(1, "x"), decoder(4, "x"), *[prio_enc(w, "x") for w in (2, 3, 6, 16)],
-    *[popcount(w, "x") for w in (2, 3, 6, 7)], *[parity(w, "x") for w in (2, 3, 6, 16)],
-    *[bin2gray(w, "x") for w in (3, 5, 6)], *[gray2bin(w, "x") for w in (3, 5, 6)],
-    *[compare(w, "x") for w in (2, 3, 6, 16)], *[adder(w, "x") for w in (2, 3, 6, 12)],
-    *[subtractor(w, "x") for w in (2, 3, 6, 16)], *[alu(w, "x") for w in (2, 3, 6)],
-    *[sat_add(w, "x") for w in (3, 5, 6)], *[absval(w, "x") for w in (3, 5, 6)],
-    *[multiplier(w, "x") for w in (2, 5)], *[maxval(w, "x") for w in (2, 3, 6, 16)],
-    *[up_counter(w, "x") for w in (2, 5, 8)], *[down_counter(w, "x") for w in (2, 5, 6)],
-    *[mod_counter(n, "x") for n in (3, 4, 7, 12)], *[updown_counter(w, "x") for w in (2, 5, 6)],
-    *[tick(n, "x") for n in (2, 4, 6)], *[shift_reg(w, "x") for w in (2, 3, 6)],
-    lfsr(3, (2, 1), "x"), lfsr(6, (5, 4), "x"), lfsr(7, (6, 5), "x"),
-    *[seq_detector(p, "x") for p in ("011", "100", "010", "1101", "0110")],
-    *[onehot_ring(n, "x") for n in (2, 5, 6)], fifo(8, 8, "x"), fifo(2, 8, "x"), fifo(8, 4, "x"),
-    stack(4, 4, "x"), stack(8, 8, "x"),
+    *[mux2(w, "x") for w in _sweep(1, 24)], *[mux4(w, "x") for w in _sweep(1, 16)],
+    *[decoder(n, "x") for n in _sweep(1, 5)], *[prio_enc(w, "x") for w in _sweep(2, 16)],
+    *[popcount(w, "x") for w in _sweep(2, 24)], *[parity(w, "x") for w in _sweep(2, 24)],
+    *[bin2gray(w, "x") for w in _sweep(2, 16)], *[gray2bin(w, "x") for w in _sweep(2, 16)],
+    *[compare(w, "x") for w in _sweep(1, 16)], *[adder(w, "x") for w in _sweep(1, 20)],
+    *[subtractor(w, "x") for w in _sweep(2, 16)], *[alu(w, "x") for w in _sweep(2, 12)],
+    *[sat_add(w, "x") for w in _sweep(2, 12)], *[absval(w, "x") for w in _sweep(2, 12)],
+    *[multiplier(w, "x") for w in _sweep(2, 8)], *[maxval(w, "x") for w in _sweep(1, 16)],
+    *[up_counter(w, "x") for w in _sweep(2, 12)], *[down_counter(w, "x") for w in _sweep(2, 10)],
+    *[mod_counter(n, "x") for n in _sweep(2, 16)], *[updown_counter(w, "x") for w in _sweep(2, 10)],
+    *[tick(n, "x") for n in _sweep(2, 12)], *[shift_reg(w, "x") for w in _sweep(2, 12)],
+    *[lfsr(w, (w - 1, w - 2), "x") for w in _sweep(3, 10)],
+    *[seq_detector(format(v, f"0{n}b"), "x") for n in (3, 4) for v in range(2 ** n)],
+    *[onehot_ring(n, "x") for n in _sweep(2, 8)],
+    *[fifo(depth, w, "x") for depth in (2, 4, 8, 16) for w in (2, 4, 6, 8, 12, 16)],
+    *[stack(depth, w, "x") for depth in (2, 4, 8) for w in (2, 4, 8, 16)],
 ]
 
 
@@ -867,12 +874,13 @@ def corpus(rows: list[dict], eval_ids: list[str]) -> list[str]:
     from jaxrl.envs.text.rtl import render_answer, render_prompt
     from jaxrl.eval.verilog import _problem_from_row
 
-    held_out = {next(iter(r["output"]["context"])) for r in rows if r["id"] in eval_ids}
+    seen = {next(iter(r["output"]["context"])) for r in rows if r["id"] in eval_ids}
     docs = []
     for r in [*[r for r in rows if r["id"] not in eval_ids], *map(row, CORPUS_EXTRA)]:
         problem = _problem_from_row(r)
-        if problem.target in held_out:
+        if problem.target in seen:  # an eval design, or a training problem already rendered
             continue
+        seen.add(problem.target)
         docs.append(render_prompt(problem) + render_answer(problem.reference))
     return docs
 
@@ -883,7 +891,8 @@ def check(rows: list[dict]) -> None:
     from jaxrl.eval.verilog import VerilogGrader, _problem_from_row
 
     problems = [_problem_from_row(r) for r in rows]
-    extra = [_problem_from_row(row(s)) for s in CORPUS_EXTRA]
+    names = {p.target for p in problems}
+    extra = [p for p in (_problem_from_row(row(s)) for s in CORPUS_EXTRA) if p.target not in names]
     grader = VerilogGrader(Sandbox("bwrap"))
     results = grader.grade_many(problems + extra, [p.reference for p in problems + extra], raw_code=True)
     bad = [f"{p.id} ({p.target}): {r.reason}" for p, r in zip(problems + extra, results) if not r.passed]
