@@ -22,9 +22,8 @@ from jaxrl.envs.text.rtl import RTLEnvConfig, render_answer
 from jaxrl.recipes import reinforce
 from jaxrl.recipes.rtl_rl import SFT_COMMAND, setup
 
-# The teacher is the same SFT trained longer: the student's run (200 steps) resumed to 300.
-TEACHER_COMMAND = ("cp -r runs/sft_gpt2_verilog_student runs/sft_gpt2_verilog && rm -r "
-                   "runs/sft_gpt2_verilog/hf && python -m jaxrl.launch configs/sft_gpt2_verilog.yaml")
+# The teacher is the same SFT trained longer: the student's run (500 steps) taken to 1000.
+TEACHER_COMMAND = "python -m jaxrl.launch configs/sft_gpt2_verilog.yaml"
 SINGLE_PROCESS = reinforce.SINGLE_PROCESS
 
 

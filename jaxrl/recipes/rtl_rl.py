@@ -24,9 +24,9 @@ from jaxrl.eval.sandbox import Sandbox
 from jaxrl.eval.verilog import VerilogGrader
 from jaxrl.recipes import reinforce
 
-SFT_COMMAND = ("python -m jaxrl.launch configs/sft_gpt2_verilog.yaml loop.steps=1000 "
-               "optimizer.decay_steps=1000 run.dir=runs/sft_gpt2_verilog_student (after the two "
-               "`python -m jaxrl.data` commands in that file's header)")
+SFT_COMMAND = ("python -m jaxrl.launch configs/sft_gpt2_verilog.yaml loop.steps=500 "
+               "run.dir=runs/sft_gpt2_verilog_student (after the two `python -m jaxrl.data` "
+               "commands in that file's header)")
 SINGLE_PROCESS = reinforce.SINGLE_PROCESS
 
 

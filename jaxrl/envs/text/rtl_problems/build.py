@@ -843,8 +843,9 @@ CORPUS_EXTRA = [
     *[lfsr(w, (w - 1, w - 2), "x") for w in _sweep(3, 10)],
     *[seq_detector(format(v, f"0{n}b"), "x") for n in (3, 4) for v in range(2 ** n)],
     *[onehot_ring(n, "x") for n in _sweep(2, 8)],
-    *[fifo(depth, w, "x") for depth in (2, 4, 8, 16) for w in (2, 4, 6, 8, 12, 16)],
-    *[stack(depth, w, "x") for depth in (2, 4, 8) for w in (2, 4, 8, 16)],
+    # The directed scenarios push din = depth + 3 at most: narrower words would wrap.
+    *[fifo(depth, w, "x") for depth in (2, 4, 8, 16) for w in (4, 6, 8, 12, 16) if depth + 3 < 2 ** w],
+    *[stack(depth, w, "x") for depth in (2, 4, 8) for w in (4, 8, 16)],
 ]
 
 
@@ -868,12 +869,18 @@ def row(spec: dict) -> dict:
     }
 
 
-def corpus(rows: list[dict], eval_ids: list[str]) -> list[str]:
+def corpus(rows: list[dict], eval_ids: list[str], renamed: int = 1) -> list[str]:
     """SFT documents, prompt and answer in the env's template: the training split's references
-    and the extra variants (none shares a module name with an eval problem)."""
+    and the extra variants (none shares a module name with an eval problem), each also under
+    `renamed` random module names. A name the model cannot predict from the family must be
+    copied from the prompt: without them a small model recalls a trained sibling's name
+    (`alu_4` for `alu_8`) instead of reading the prompt's."""
+    import random
+
     from jaxrl.envs.text.rtl import render_answer, render_prompt
     from jaxrl.eval.verilog import _problem_from_row
 
+    rng = random.Random(0)
     seen = {next(iter(r["output"]["context"])) for r in rows if r["id"] in eval_ids}
     docs = []
     for r in [*[r for r in rows if r["id"] not in eval_ids], *map(row, CORPUS_EXTRA)]:
@@ -881,7 +888,13 @@ def corpus(rows: list[dict], eval_ids: list[str]) -> list[str]:
         if problem.target in seen:  # an eval design, or a training problem already rendered
             continue
         seen.add(problem.target)
-        docs.append(render_prompt(problem) + render_answer(problem.reference))
+        doc = render_prompt(problem) + render_answer(problem.reference)
+        docs.append(doc)
+        name = problem.env["TOPLEVEL"]
+        for _ in range(renamed):
+            new = rng.choice("abcdefghkmnpqrstuvwxyz") + "".join(
+                rng.choice("abcdefghkmnpqrstuvwxyz0123456789_") for _ in range(rng.randint(3, 9)))
+            docs.append(doc.replace(name, new.rstrip("_")))
     return docs
 
 
