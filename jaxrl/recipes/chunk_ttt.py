@@ -350,6 +350,17 @@ def policy_act(ppo: PPO):
     return act
 
 
+def policy_calibrated_act(ppo: PPO):
+    """The learned policy with test-time budget tracking (`ct.cost_calibrated`): lambda is
+    frozen in its weights, so on held-out documents only a test-time multiplier can hold B.
+    p = ct.Calibrated(policy=(params, obs_stats), ...); kappa = 0 samples as `policy_act`."""
+    def logits(p, obs):
+        params, obs_stats = p
+        dist, _ = ppo.model(params)(ppo.normalize_obs(obs[None], obs_stats))
+        return dist.logits[0]
+    return ct.cost_calibrated(logits)
+
+
 def run(cfg: Config) -> dict:
     check_batch_size(cfg.ppo.num_envs, make_mesh(cfg.mesh), "ppo.num_envs")
     start = time.perf_counter()

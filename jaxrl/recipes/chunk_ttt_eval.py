@@ -5,8 +5,10 @@ same fast weights: always-SKIP, always-U1/U2/U4, and per budget B: random at the
 rate, periodic, loss / entropy / surprise threshold gates with budget-tracking calibration
 (ponderTTT's EMA gate), the top-q oracle, the greedy oracle (lambda* by bisection so its mean
 cost meets B), and the learned policy of `<eval.policy_dir>/B<B>/policy.msgpack` where one
-exists. Reports CE, cost, budget adherence and oracle recovery
-(CE_skip - CE) / (CE_skip - CE_greedy_oracle), plus the policies' lambda / cost curves.
+exists, as trained (`policy`) and with test-time budget tracking (`policy_calibrated`: a
+per-document cost multiplier on its logits, gain `eval.policy_kappa`). Reports CE, cost,
+budget adherence and oracle recovery (CE_skip - CE) / (CE_skip - CE_greedy_oracle), plus the
+policies' lambda / cost curves.
 """
 
 from __future__ import annotations
@@ -33,11 +35,18 @@ class EvalConfig:
     calibration_docs: int = 16  # train-split documents the threshold gates calibrate on
     gate_kappa: float = 0.05  # threshold step per decision, in calibration standard deviations
     bisection_steps: int = 8  # greedy oracle: lambda* search per budget
+    # policy_calibrated: mu step per decision per unit of relative cost error (c - B) / B.
+    # Large enough to undo the held-out under-spend within one document's ~15 decisions
+    # (mu restarts at 0 per document, as the gates' tau does), small enough not to swing the
+    # policy to an action per decision; 0 makes the row the plain policy's.
+    policy_kappa: float = 0.5
     seed: int = 1000
 
     def validate(self):
         if self.calibration_docs < 1 or self.bisection_steps < 1:
             raise ConfigError("eval.calibration_docs and eval.bisection_steps must be >= 1.")
+        if self.policy_kappa < 0:
+            raise ConfigError(f"eval.policy_kappa must be >= 0 (0: no calibration), got {self.policy_kappa}.")
 
 
 @dataclasses.dataclass
@@ -120,6 +129,12 @@ def run(cfg: Config) -> dict:
             own = ct.ChunkTTT(fast_lm, rho, budget, cfg.reward_mode)
             rows["policy"] = evaluate("policy", own, train_recipe.policy_act(ppo),
                                       (params, obs_stats), budget=budget)
+            tracker = ct.Calibrated(policy=(params, obs_stats), mu=jnp.float32(0.0),
+                                    kappa=jnp.float32(cfg.eval.policy_kappa),
+                                    budget=jnp.float32(budget))
+            rows["policy_calibrated"] = evaluate(
+                "policy_calibrated", own, train_recipe.policy_calibrated_act(ppo), tracker,
+                budget=budget)
         oracle = rows["greedy_oracle"]["ce"]
         for row in rows.values():
             row["oracle_recovery"] = ((ce_skip - row["ce"]) / (ce_skip - oracle)
@@ -190,7 +205,7 @@ def plot(report: dict, path: Path):
     for i, method in enumerate(methods):
         pts = sorted((rows[method]["cost"], rows[method]["ce"])
                      for rows in report["budgets"].values() if method in rows)
-        ax.plot(*zip(*pts), marker="o", ms=4, lw=2.5 if method == "policy" else 1,
+        ax.plot(*zip(*pts), marker="o", ms=4, lw=2.5 if method.startswith("policy") else 1,
                 color=f"C{i % 10}", label=method)
     ax.set_xlabel("mean extra compute per chunk (forward-equivalents)")
     ax.set_ylabel("CE (nats / token)")
@@ -212,9 +227,9 @@ def plot(report: dict, path: Path):
 def format_table(report: dict) -> str:
     lines = [f"CE_skip {report['ce_skip']:.4f} nats/token; rho {report['rho']['rho']:.3f}",
              "fixed: " + ", ".join(f"{k} {v['ce']:.4f}@{v['cost']:.2f}" for k, v in report["fixed"].items()),
-             f"{'B':>5} {'method':<15}{'CE':>9}{'cost':>7}{'|J-B|/B':>9}{'over':>6}{'recov':>7}"]
+             f"{'B':>5} {'method':<18}{'CE':>9}{'cost':>7}{'|J-B|/B':>9}{'over':>6}{'recov':>7}"]
     for budget, rows in report["budgets"].items():
         for name, r in rows.items():
-            lines.append(f"{budget:>5} {name:<15}{r['ce']:>9.4f}{r['cost']:>7.2f}"
+            lines.append(f"{budget:>5} {name:<18}{r['ce']:>9.4f}{r['cost']:>7.2f}"
                          f"{r['budget_error']:>9.2f}{r['over_budget_docs']:>6.2f}{r['oracle_recovery']:>7.2f}")
     return "\n".join(lines)

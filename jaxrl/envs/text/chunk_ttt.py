@@ -382,6 +382,34 @@ def _gate(index: int):
 _GATES = {name: _gate(FEATURES.index(name)) for name in ("loss", "entropy", "surprise")}
 
 
+@struct.dataclass
+class Calibrated:
+    """p of a `cost_calibrated` act: the wrapped policy's parameters and its budget tracker.
+
+    A trained policy's lambda is frozen in its weights, so on documents whose statistics
+    differ from training it spends what those weights say, not B. mu is the test-time
+    counterpart of the gates' tau: a per-document cost multiplier on the logits."""
+
+    policy: Any  # logits_fn's parameters
+    mu: jax.Array  # logit offset per forward-equivalent of cost; < 0 pushes spending up
+    kappa: jax.Array  # mu step per unit of relative cost error; 0: the policy as trained
+    budget: jax.Array
+
+
+def cost_calibrated(logits_fn):
+    """An act sampling logits_fn(p.policy, obs) - mu c~(a), then mu <- mu + kappa (c~_t - B) / B:
+    an integral controller on the realised cost (relative error, as the training PID, so one
+    gain serves every B). With kappa = 0 it draws exactly what categorical(key, logits) draws."""
+    def act(ttt, docs, p: Calibrated, obs, state, per, key):
+        costs = jnp.asarray(ttt.costs, jnp.float32)
+        action = jax.random.categorical(key, logits_fn(p.policy, obs) - p.mu * costs)
+        return action, p.replace(mu=p.mu + p.kappa * (costs[action] - p.budget) / p.budget)
+    return act
+
+
+act_random_calibrated = cost_calibrated(lambda logits, obs: logits)  # act_random with a tracker
+
+
 def act_schedule(ttt, docs, p, obs, state, per, key):
     """A fixed per-document plan: per_doc[t - 1] (the top-q oracle's)."""
     return per[state.t - 1], p
