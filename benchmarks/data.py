@@ -1,6 +1,6 @@
 """LM data throughput and memory: corpus processing, streaming from shards, and the in-memory path.
 
-  python benchmarks/data.py [--out benchmarks/results/data.json] [--seconds 8]
+  python benchmarks/data.py [--out benchmarks/results/data.json] [--seconds 8] [--check]
 
 One corpus for all three: the shared corpora and this Python's standard library, written once
 into a temporary directory of 16 JSONL files (one file's text per row; only text the in-memory
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from machine import machine_info  # benchmarks/ is on sys.path when run as a script
+from machine import check_floors, machine_info  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, BATCH = 1024, 8
@@ -106,17 +106,18 @@ def measure(part: str, corpus: Path, shard_dir: Path, seconds: float) -> dict:
     return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mib": round(peak / 2**20)}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "data.json"))
     parser.add_argument("--seconds", type=float, default=8.0, help="batch-drawing time per input path")
     parser.add_argument("--child", default="")
     parser.add_argument("--corpus", default="")
     parser.add_argument("--shards", default="")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a ratio is below its floor")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.corpus, args.shards, args.seconds)))
-        return
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         corpus, shard_dir = Path(tmp) / "corpus", Path(tmp) / "shards"
         rows = write_corpus(corpus)
@@ -131,11 +132,19 @@ def main() -> None:
         "machine": machine_info(),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        # What streaming buys over tokenising everything at start (higher is better).
+        "ratios": {
+            "streaming_startup_speedup": round(results["in_memory"]["startup_s"]
+                                               / results["streaming"]["startup_s"], 2),
+            "streaming_memory_saving": round(results["in_memory"]["peak_rss_mib"]
+                                             / results["streaming"]["peak_rss_mib"], 2),
+        },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+    return check_floors("data", report["ratios"]) if args.check else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

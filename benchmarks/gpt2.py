@@ -2,6 +2,7 @@
 
     python benchmarks/gpt2.py --out benchmarks/results/gpt2.json    # 124M, 4x256, decode 32+128
     python benchmarks/gpt2.py --quick                               # tiny shapes, a smoke test
+    python benchmarks/gpt2.py --check    # exit 1 when a ratio is below benchmarks/floors.json
 
 Training: forward + backward + AdamW on random tokens, tokens/s and MFU. MFU divides the
 model FLOPs/s (6N per token plus attention) by the best matmul throughput measured in this
@@ -30,7 +31,7 @@ from flax import nnx
 from jaxrl.algorithms.optimizer import OptimizerConfig, make_optimizer
 from jaxrl.models.generate import generate
 from jaxrl.models.gpt2 import GPT2, GPT2Config
-from machine import machine_info  # benchmarks/ is on sys.path when run as a script
+from machine import check_floors, machine_info  # benchmarks/ is on sys.path when run as a script
 
 SHAPES = {
     "full": dict(preset="124M", batch=4, seq=256, matmul=4096, prompt=32, new=128, decode_batches=(1, 8), repeats=2),
@@ -188,6 +189,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a ratio is below its floor")
     args = parser.parse_args()
     shapes = SHAPES["quick" if args.quick else "full"]
     repeats = shapes["repeats"]
@@ -274,7 +276,8 @@ def main():
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
+    return check_floors("gpt2", results["ratios"]) if args.check and not args.quick else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

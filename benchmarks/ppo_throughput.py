@@ -2,7 +2,7 @@
 
     python benchmarks/ppo_throughput.py [--config configs/ppo_prospector.yaml] [--updates 20]
                                         [--env-impl jax,native] [--out ppo_throughput.json]
-                                        [key.sub=value ...]  (config overrides)
+                                        [--check] [key.sub=value ...]  (config overrides)
 
 For each env core it times whole jitted PPO updates (rollout + GAE + epochs, after one warm-up
 update that compiles) and, separately, the rollout alone, so the JSON says where time goes:
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import jax
 
-from machine import machine_info  # benchmarks/ is on sys.path when run as a script
+from machine import check_floors, machine_info  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "ppo_prospector.yaml"
+GOAL = 100_000  # env steps/s, PPO end to end (issue #14)
 
 
 def _timed(fn, state, updates: int) -> tuple[float, object]:
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
     parser.add_argument("--updates", type=int, default=20)
     parser.add_argument("--env-impl", default="jax,native", help="comma-separated env cores")
     parser.add_argument("--out", default="")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a ratio is below its floor")
     parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     args = parser.parse_args(argv)
 
@@ -89,14 +91,16 @@ def main(argv=None) -> int:
         "benchmark": "ppo_throughput",
         "config": args.config,
         "machine": machine_info(),
-        "goal_env_steps_per_sec": 100_000,
+        "goal_env_steps_per_sec": GOAL,
         "runs": runs,
+        "ratios": {f"{r['env_impl']}_over_goal": round(r["ppo_env_steps_per_sec"] / GOAL, 3)
+                   for r in runs if "ppo_env_steps_per_sec" in r},
     }
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    return 0
+    return check_floors("ppo_throughput", report["ratios"]) if args.check else 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Prospector throughput: env steps/s of the JAX core vs the C++ (XLA FFI) core.
 
-  python benchmarks/prospector.py --out runs/bench_prospector.json [--envs 64 1024 8192]
+  python benchmarks/prospector.py --out runs/bench_prospector.json [--envs 64 1024 8192] [--check]
 
 Each measurement jits a `lax.scan` of `--steps` auto-resetting steps over N envs with cheap
 pseudo-random actions (an integer hash, so action generation costs ~nothing) and times it after
-a warm-up call. Steps/s counts env transitions (N * steps / seconds).
+a warm-up call. Steps/s counts env transitions (N * steps / seconds). `ratios`: the native core
+over the JAX core at each size (same run), the slowest native size over the 5M goal and PPO
+end to end over its 100k goal; `--check` compares them with benchmarks/floors.json.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import jax.numpy as jnp
 
 from jaxrl.envs import make
 from jaxrl.envs.prospector import native
+
+NATIVE_GOAL = 5_000_000  # env steps/s of the native core at every batch size (issue #14)
 
 
 def env_steps_per_second(impl: str, num_envs: int, num_steps: int, repeats: int = 3) -> float:
@@ -64,13 +68,14 @@ def env_benchmark(env_counts=(64, 1024, 8192), steps_per_call: int = 0) -> dict:
 
 
 def main():
-    from machine import machine_info  # benchmarks/ is on sys.path when run as a script
-    from ppo_throughput import ppo_throughput
+    from machine import check_floors, machine_info  # benchmarks/ is on sys.path as a script
+    from ppo_throughput import GOAL, ppo_throughput
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envs", type=int, nargs="+", default=[64, 1024, 8192])
     parser.add_argument("--steps", type=int, default=0, help="steps per timed call (0: auto)")
     parser.add_argument("--out", default="", help="write the results as JSON here")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a ratio is below its floor")
     args = parser.parse_args()
     results = {
         "machine": machine_info(),
@@ -78,12 +83,26 @@ def main():
         "ppo_default_config": {impl: ppo_throughput(env_impl=impl) for impl in
                                (["jax", "native"] if native.available() else ["jax"])},
     }
+    results["ratios"] = ratios(results["env_steps_per_s"], results["ppo_default_config"], GOAL)
+    print(json.dumps(results["ratios"], indent=2))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
-    return results
+    return check_floors("prospector", results["ratios"]) if args.check else 0
+
+
+def ratios(env_steps: dict, ppo: dict, ppo_goal: int) -> dict:
+    """Higher is better in each, as --check reads them."""
+    out = {}
+    if "native" in env_steps:
+        for n, rate in env_steps["native"].items():
+            out[f"native_over_jax_{n}_envs"] = round(rate / env_steps["jax"][n], 2)
+        out["native_slowest_over_goal"] = round(min(env_steps["native"].values()) / NATIVE_GOAL, 3)
+    for impl, row in ppo.items():
+        out[f"ppo_{impl}_over_goal"] = round(row["ppo_env_steps_per_sec"] / ppo_goal, 3)
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

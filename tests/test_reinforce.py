@@ -243,6 +243,25 @@ def test_micro_batches_accumulate_the_same_gradient(rollout):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), one.params, four.params)
 
 
+def test_evaluation_samples_at_the_eval_temperature():
+    """rollout.eval_temperature=0: every evaluation is the greedy completion whatever the key,
+    while training keeps sampling at its own temperature."""
+    graphdef, params = nnx.split(small_model(0))
+    cfg = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=8,
+                        sampling=Sampling(temperature=0.5, top_k=5), eval_temperature=0.0)
+    eval_cfg = cfg.for_eval(4)
+    assert (eval_cfg.batch_size, eval_cfg.sampling) == (4, Sampling(temperature=0.0, top_k=5))
+    collect = lambda c, key: RolloutCollector(  # noqa: E731
+        sentiment_env(), graphdef, c, n_positions=16, ref_params=None).collect(params, 0, key).tokens
+    greedy = [np.asarray(collect(eval_cfg, jax.random.key(k))) for k in (0, 1)]
+    np.testing.assert_array_equal(*greedy)
+    at_train_temperature = dataclasses.replace(eval_cfg, sampling=cfg.sampling)
+    sampled = [np.asarray(collect(at_train_temperature, jax.random.key(k))) for k in (0, 1)]
+    assert (sampled[0] != sampled[1]).any()
+    with pytest.raises(ConfigError, match="eval_temperature must be >= 0"):
+        RolloutConfig(eval_temperature=-1.0).validate()
+
+
 def test_collector_refuses_prompts_and_completions_past_n_positions():
     graphdef, _ = nnx.split(small_model(0))
     with pytest.raises(ValueError, match=r"max_prompt_tokens \(4\) \+ rollout.max_new_tokens "

@@ -160,7 +160,7 @@ def train_policy(cfg, model: gpt2.GPT2, env: TextEnv, eval_env: TextEnv, *, mesh
         env, init.abstract.graphdef, cfg.rollout, n_positions=model.cfg.n_positions,
         ref_params=ref_params, update_fn=update_fn, batch_sharding=place,
         guard=CollapseGuard(cfg.guard), collector=collector)
-    eval_rollout = dataclasses.replace(cfg.rollout, prompts_per_step=eval_size, group_size=1)
+    eval_rollout = cfg.rollout.for_eval(eval_size)
     evaluator = make_collector(eval_env, init.abstract.graphdef, eval_rollout,
                                n_positions=model.cfg.n_positions, ref_params=ref_params,
                                batch_sharding=place, ref_graphdef=ref_graphdef)

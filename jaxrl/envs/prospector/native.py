@@ -135,4 +135,7 @@ def step_many(state: ProspectorState, actions: jax.Array, *, max_steps: int,
         **_attrs(max_steps, invalid_penalty=invalid_penalty, loss_penalty=loss_penalty),
     )
     new_state = ProspectorState(ship=ship, asteroids=asteroids, sectors=sectors, market=market)
+    # The core writes final_obs only where an episode ended (elsewhere it is the next obs and
+    # the buffer is left unwritten); the select is fused into its consumer, or dropped with it.
+    final_obs = jnp.where((terminated | truncated)[..., None], final_obs, obs)
     return new_state, obs, reward, terminated, truncated, final_obs

@@ -41,6 +41,9 @@ class RolloutConfig:
     sampling: Sampling = dataclasses.field(default_factory=Sampling)
     # Sample batch i+1 while the host scores batch i (one update stale; see the module doc).
     prefetch: bool = False
+    # Evaluations sample at this temperature (None: sampling.temperature; 0: greedy). A small
+    # policy's pass@1 at a low temperature says more than at the exploring one RL trains at.
+    eval_temperature: float | None = None
 
     @property
     def batch_size(self) -> int:
@@ -50,6 +53,17 @@ class RolloutConfig:
         for name in ("prompts_per_step", "group_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rollout.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.eval_temperature is not None and self.eval_temperature < 0:
+            raise ConfigError(f"rollout.eval_temperature must be >= 0 (0: greedy) or null, got "
+                              f"{self.eval_temperature}.")
+
+    def for_eval(self, prompts: int) -> RolloutConfig:
+        """One completion of each of `prompts` prompts, at the evaluation temperature."""
+        sampling = self.sampling
+        if self.eval_temperature is not None:
+            sampling = dataclasses.replace(sampling, temperature=self.eval_temperature)
+        return dataclasses.replace(self, prompts_per_step=prompts, group_size=1, sampling=sampling,
+                                   prefetch=False)
 
 
 @flax.struct.dataclass
