@@ -17,7 +17,7 @@ from jaxrl.algorithms.ppo import (
 )
 from jaxrl.core.checkpoint import Checkpointer
 from jaxrl.core.config import ConfigError
-from jaxrl.models.policy import ActorCritic, Gaussian
+from jaxrl.models.policy import ActorCritic, Categorical, Gaussian
 from jaxrl.recipes.ppo import seed_axis
 
 
@@ -420,3 +420,16 @@ def test_target_kl_skips_the_rest_of_the_update():
     assert float(metrics["approx_kl"]) > 0.01
     # Exactly as many optimizer steps were applied as reported.
     assert int(stopped.opt_state[1][0].count) == int(metrics["minibatches_done"])
+
+
+def test_noise_drawn_ahead_samples_what_a_key_samples():
+    """The rollout draws every step's action noise before its scan (`dist.noise` on an abstract
+    distribution); a sample from that noise is the draw `jax.random.categorical` / `normal` make."""
+    key = jax.random.key(7)
+    logits = jax.random.normal(jax.random.key(1), (64, 5))
+    abstract = jax.eval_shape(lambda: Categorical(logits))
+    drawn = Categorical(logits).sample_from(abstract.noise(key))
+    assert np.array_equal(drawn, jax.random.categorical(key, logits))
+    mean, log_std = jnp.ones((64, 2)), jnp.full(2, -1.0)
+    want = mean + jnp.exp(log_std) * jax.random.normal(key, (64, 2))
+    np.testing.assert_array_equal(Gaussian(mean, log_std).sample(key), want)

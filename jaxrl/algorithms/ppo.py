@@ -332,20 +332,28 @@ class PPO:
         episode ends."""
         cfg, model = self.cfg, self.model(state.params)
         n = cfg.num_envs
+        # Every key and the action noise of all steps drawn before the scan, in one batched
+        # call each: on CPU each threefry call in the body is a small while loop of its own,
+        # and three of them per step cost more than the policy's forward. The draws are the
+        # ones a per-step split would make (the same keys, `dist.sample(k)`'s noise).
+        action_keys, env_keys = jax.vmap(jax.random.split, out_axes=1)(
+            jax.random.split(key, cfg.rollout_steps))
+        env_keys = jax.vmap(lambda k: jax.random.split(k, n))(env_keys)
+        dist_shape = jax.eval_shape(model, state.obs, state.action_mask)[0]
+        noises = jax.vmap(dist_shape.noise)(action_keys)
 
-        def step(state: PPOState, key):
-            action_key, env_key = jax.random.split(key)
+        def step(state: PPOState, xs):
+            noise, env_keys = xs
             obs = self.normalize_obs(state.obs, state.obs_stats)
             dist, value = model(obs, state.action_mask)
             cost_value = None
             if cfg.lagrangian:
                 value, cost_value = value[..., 0], value[..., 1]
-            action = dist.sample(action_key)
+            action = dist.sample_from(noise)
             log_prob = dist.log_prob(action)
             next_obs, env_state, reward, terminated, truncated, info = jax.vmap(
                 self.env.step, in_axes=(0, 0, 0, None))(
-                    jax.random.split(env_key, n), state.env_state, self.env_action(action),
-                    self.env_params)
+                    env_keys, state.env_state, self.env_action(action), self.env_params)
             if "final_observation" not in info:
                 raise ValueError(
                     f"{self.env!r}.step must return info['final_observation'] (the pre-reset "
@@ -384,7 +392,7 @@ class PPO:
             )
             return state, transition
 
-        return jax.lax.scan(step, state, jax.random.split(key, cfg.rollout_steps))
+        return jax.lax.scan(step, state, (noises, env_keys))
 
     def loss(self, params, batch: Transition, advantages, targets):
         cfg = self.cfg

@@ -35,8 +35,17 @@ class Categorical(struct.PyTreeNode):
 
     logits: jax.Array
 
+    def noise(self, key: jax.Array) -> jax.Array:
+        """The Gumbel noise `sample_from` adds; reads only `logits`' shape and dtype, so an
+        abstract distribution (`jax.eval_shape`) draws it too."""
+        return jax.random.gumbel(key, self.logits.shape, self.logits.dtype)
+
+    def sample_from(self, noise: jax.Array) -> jax.Array:
+        return jnp.argmax(self.logits + noise, -1)
+
     def sample(self, key: jax.Array) -> jax.Array:
-        return jax.random.categorical(key, self.logits)
+        """`jax.random.categorical(key, logits)`, the same draw."""
+        return self.sample_from(self.noise(key))
 
     def mode(self) -> jax.Array:
         return jnp.argmax(self.logits, -1)
@@ -57,8 +66,15 @@ class Gaussian(struct.PyTreeNode):
     mean: jax.Array
     log_std: jax.Array  # broadcasts against mean
 
+    def noise(self, key: jax.Array) -> jax.Array:
+        """Standard normal noise of `mean`'s shape (abstract distributions draw it too)."""
+        return jax.random.normal(key, self.mean.shape, self.mean.dtype)
+
+    def sample_from(self, noise: jax.Array) -> jax.Array:
+        return self.mean + jnp.exp(self.log_std) * noise
+
     def sample(self, key: jax.Array) -> jax.Array:
-        return self.mean + jnp.exp(self.log_std) * jax.random.normal(key, self.mean.shape)
+        return self.sample_from(self.noise(key))
 
     def mode(self) -> jax.Array:
         return self.mean
