@@ -5,6 +5,7 @@ shared by the module, so the rollouts compile once."""
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -20,6 +21,7 @@ from jaxrl.core.config import ConfigError, build
 from jaxrl.envs.text import chunk_ttt as ct
 from jaxrl.models import fast_weights as fw
 from jaxrl.models import gpt2
+from jaxrl.models.generate import generate
 
 C, T, PAD, EOT = 8, 6, 257, 256
 TINY = gpt2.GPT2Config(vocab_size=258, pad_id=PAD, n_layer=2, n_embd=64, n_head=2,
@@ -148,6 +150,73 @@ def test_vmapped_rollout_equals_a_loop_over_documents(setup):
         np.testing.assert_array_equal(alone.action[0], whole.action[i])
 
 
+def test_adapted_rollout_ends_with_the_weights_its_plan_trained(setup):
+    """`rollout_adapted` traces as `rollout` does, and a document's last weights are phi_0
+    after exactly its plan's inner steps on chunks 0 .. n-2 (chunk n-1 is only scored),
+    replayed here one step at a time."""
+    fast, docs, _, ttt = setup
+    plan = mixed_plan(docs)
+    trace = ct.rollout(ttt, docs, ct.act_schedule, jnp.int32(0), plan, jax.random.key(0))
+    adapted, ends = ct.rollout_adapted(ttt, docs, ct.act_schedule, jnp.int32(0), plan, jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(trace), jax.tree.leaves(adapted)):
+        np.testing.assert_array_equal(a, b)
+    step = jax.jit(fast.inner_step)
+    for doc in (1, 2):  # 4 and 3 chunks: 3 and 2 decisions
+        phi, opt, steps = docs.fast0, fast.tx.init(docs.fast0), 0
+        for t in range(1, int(docs.valid[doc].sum())):
+            for _ in range(ct.STEPS[int(plan[doc, t - 1])]):
+                phi, opt, _ = step(phi, opt, *ct.take(docs, doc, t - 1)[:3])
+                steps += 1
+        assert steps > 0
+        for a, b in zip(jax.tree.leaves(phi), jax.tree.leaves(jax.tree.map(lambda x: x[doc], ends))):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def left_padded(rows, width):
+    tokens = np.full((len(rows), width), PAD, np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, width - len(row):] = row
+    return jnp.asarray(tokens), jnp.asarray(tokens != PAD, jnp.int32)
+
+
+def test_adapted_top_model_decodes_with_the_kv_cache_as_its_full_forward(setup):
+    """base + adapted fast weights (`FastLM.params`) is a model `generate` decodes: its full
+    forward scores a chunk as the protocol does, and greedy decoding with the KV cache picks
+    that forward's argmax at every generated position (left-padded rows included)."""
+    fast, docs, windows, ttt = setup
+    _, ends = ct.rollout_adapted(ttt, docs, ct.act_schedule, jnp.int32(0), mixed_plan(docs), jax.random.key(0))
+    phi = jax.tree.map(lambda x: x[0], ends)
+    params = fast.params(phi)
+    forward = jax.jit(lambda params, tokens, mask: nnx.merge(fast.graphdef, params)(tokens, mask))
+    x = jnp.asarray(windows[0, 2])[None]
+    adapted = forward(params, x, jnp.ones_like(x))[0, C - 1:-1]
+    np.testing.assert_allclose(adapted, jax.jit(fast.logits)(phi, docs.inputs[0, 2]), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(adapted, base_logits(x)[0, C - 1:-1], atol=1e-3)  # it adapted
+
+    tokens, mask = left_padded([windows[0, 2, :6], windows[1, 2, 2:6]], 6)
+    gen = generate(fast.graphdef, params, tokens, mask, jax.random.key(1), max_new_tokens=8,
+                   temperature=0.0, eos_id=EOT, pad_id=PAD)
+    full = np.asarray(forward(params, gen.tokens, gen.mask))  # no cache
+    response = np.asarray(gen.response_mask).astype(bool)
+    assert response[:, 6].all()
+    for row, col in zip(*np.nonzero(response)):
+        assert int(gen.tokens[row, col]) == int(full[row, col - 1].argmax()), (row, col)
+
+
+@pytest.mark.parametrize("kind", ["top", "lora"])
+def test_start_weights_generate_what_the_base_model_generates(kind):
+    """phi_0 (a zero output layer / B = 0) merged with the base samples the base model's
+    tokens, draw for draw."""
+    fast = fw.build(tiny_lm(), fw.FastConfig(type=kind, hidden=32, rank=4), C)
+    graphdef, weights = nnx.split(tiny_lm())
+    tokens, mask = left_padded([[5, 17, 200, 3, 9, 44], [71, 2, 8]], 6)
+    kw = dict(max_new_tokens=8, temperature=1.0, eos_id=EOT, pad_id=PAD)
+    base = generate(graphdef, weights, tokens, mask, jax.random.key(2), **kw)
+    start = generate(fast.graphdef, fast.params(fast.fast0), tokens, mask, jax.random.key(2), **kw)
+    np.testing.assert_array_equal(start.tokens, base.tokens)
+    np.testing.assert_allclose(start.logprobs, base.logprobs, atol=1e-5)
+
+
 def test_env_resets_fast_weights_and_optimizer_between_documents(setup):
     fast, docs, _, ttt = setup
     env = ct.ChunkTTTEnv(ttt, T)
@@ -271,8 +340,9 @@ def base_dir(tmp_path_factory):
     return path
 
 
-def recipe_config(base, tmp_path, **overrides):
-    from jaxrl.recipes import chunk_ttt as recipe
+def recipe_config(base, tmp_path, recipe=None, **overrides):
+    if recipe is None:
+        from jaxrl.recipes import chunk_ttt as recipe
 
     data = {"base": str(base), "run": {"dir": str(tmp_path)},
             "data": {"tokenizer": str(base / "tok"), "chunk": 16, "max_chunks": 4, "train_docs": 16,
@@ -284,6 +354,15 @@ def recipe_config(base, tmp_path, **overrides):
             node = node.setdefault(p, {})
         node[last] = value
     return build(recipe.Config, data, source="test")
+
+
+def eval_args(base, run_dir, *more):
+    """chunk_ttt_eval on the tiny base: json/ held out, html/ + http/ for gate calibration."""
+    return ["configs/chunk_ttt_eval.yaml", f"run.dir={run_dir}", f"base={base}",
+            f"data.tokenizer={base / 'tok'}", "data.chunk=16", "data.max_chunks=4",
+            "data.eval_docs=4", "eval.calibration_docs=4", "data.pattern=[hj]*/*.py",
+            "data.eval_packages=[json]", "rho=1.0", "budgets=[0.5]", "eval.bisection_steps=1",
+            "loop.progress=false", *more]
 
 
 def test_bad_inputs_fail_before_compiling(base_dir, tmp_path):
@@ -335,3 +414,96 @@ def test_tiny_run_holds_the_policy_cost_at_its_budget(base_dir, tmp_path):
     assert max(r["penalty_next"] for r in rows) > 0.3  # the PID pushed back
     assert abs(np.mean(costs[-5:]) - 0.5) / 0.5 < 0.1, costs
     assert (tmp_path / "B0.5" / "policy.msgpack").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# pass@k after adapting on each prompt (chunk_ttt_eval's passk section)
+
+
+def test_prompt_chunks_give_a_text_of_n_chunks_n_decisions(base_dir):
+    """A text keeps its last T - 1 chunks and gains an all-pad slot for the completion, so
+    the decision before the slot trains on the text's last chunk; an empty text gets no row."""
+    from jaxrl.data.tokenizer import Tokenizer
+    from jaxrl.recipes.chunk_ttt_eval import prompt_chunks
+
+    tok = Tokenizer.load(base_dir / "tok")
+    texts = ["", "def f(x):\n", "Serialize ``obj`` to a JSON form", json.__doc__]
+    ids = [tok.encode(t) for t in texts]
+    assert [len(x) for x in ids[:3]] == [0, 7, 18] and len(ids[3]) > 3 * C
+    (windows, targets, lengths, cut), counts = prompt_chunks(texts, tok, chunk=C, max_chunks=4)
+    np.testing.assert_array_equal(counts, [0, 1, 3, 3])  # ceil(tokens / 8), at most T - 1 = 3: 0, 7, 18, 1900+
+    np.testing.assert_array_equal(lengths, counts[1:] + 1)  # n chunks + the slot: n decisions
+    assert targets.shape == (3, 4, C) and not cut.any()
+    for row, (x, n) in enumerate(zip(ids[1:], counts[1:])):
+        kept = targets[row, :n].reshape(-1)
+        np.testing.assert_array_equal(kept[kept != tok.pad_id], x[-3 * C:])
+        assert (targets[row, n:] == tok.pad_id).all()  # the slot (and past it) scores nothing
+    np.testing.assert_array_equal(windows[1, 0, C:], ids[2][:C])  # chunk 0 of a 3-chunk text
+    assert prompt_chunks(["", ""], tok, chunk=C, max_chunks=4)[0] is None
+
+
+def write_start_policy(cfg, path: Path, budget: float):
+    """The untrained warm-start policy at `budget`, saved as `train_budget` saves a policy."""
+    from jaxrl.algorithms.ppo import RunningStats
+    from jaxrl.recipes import chunk_ttt as recipe
+
+    env = ct.ChunkTTTEnv(ct.ChunkTTT(None, cfg.rho or 1.0, budget), cfg.data.max_chunks)
+    params = nnx.split(recipe.make_ppo(cfg, env, None).make_model(jax.random.key(0)))[1]
+    path.mkdir(parents=True)
+    recipe.save_policy(path / "policy.msgpack", params, RunningStats.zeros((len(ct.FEATURES),)),
+                       pid_lagrangian.init(dataclasses.replace(cfg.pid, budget=budget)))
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+def test_eval_reports_pass_at_k_after_adapting_on_each_prompt(base_dir, tmp_path, shared_data):
+    """Through the launcher: the CE table, then 2 MBPP tasks x 2 samples for SKIP, always-U4,
+    the best heuristic and the policy at B = 0.5, graded in the sandbox. With rho = 1 the
+    costs are known per decision: SKIP 0, U4 4."""
+    from jaxrl.launch import main
+    from jaxrl.recipes import chunk_ttt_eval
+
+    policies = tmp_path / "policies"
+    write_start_policy(recipe_config(base_dir, tmp_path, chunk_ttt_eval, **{"data.max_chunks": 4, "rho": 1.0}),
+                       policies / "B0.5", 0.5)
+    rc = main(eval_args(base_dir, tmp_path / "eval", f"eval.policy_dir={policies}",
+                        "passk.benchmarks=[mbpp]", f"passk.data_dir={shared_data}", "passk.limit=2",
+                        "passk.sampling.n_samples=2", "passk.sampling.k=[1,2]",
+                        "passk.sampling.temperature=0.8", "passk.sampling.max_new_tokens=8",
+                        "passk.timeout_s=5"))
+    assert rc == 0
+    report = json.loads((tmp_path / "eval" / "passk.json").read_text())
+    rows = report["rows"]
+    assert [(r["benchmark"], r["role"]) for r in rows] == [
+        ("mbpp", "skip"), ("mbpp", "update"), ("mbpp", "heuristic"), ("mbpp", "policy")]
+    assert [r["method"] for r in rows[:2]] == ["SKIP", "U4"] and rows[3]["method"] == "policy"
+    pareto = json.loads((tmp_path / "eval" / "pareto.json").read_text())
+    heuristics = {k: v["ce"] for k, v in pareto["budgets"]["0.5"].items() if k in chunk_ttt_eval.HEURISTICS}
+    assert rows[2]["method"] == min(heuristics, key=heuristics.get) and rows[2]["budget"] == 0.5
+    for r in rows:
+        assert (r["tasks"], r["samples"]) == (2, 2)
+        assert 0.0 <= r["pass@1"] <= r["pass@2"] <= 1.0
+        lines = Path(r["results"]).read_text().splitlines()
+        assert len(lines) == 2 and all(len(json.loads(x)["samples"]) == 2 for x in lines)
+    chunks = report["prompts"]["mbpp"]
+    assert chunks["tasks"] == 2 and chunks["unadapted"] == 0 and chunks["mean_chunks"] >= 1
+    assert rows[0]["cost"] == 0.0 and rows[0]["inner_steps_per_task"] == 0.0
+    assert rows[1]["cost"] == pytest.approx(4.0)
+    assert rows[1]["inner_steps_per_task"] == pytest.approx(4 * chunks["mean_chunks"])
+    assert report["missing"] == []
+
+
+def test_bad_passk_settings_fail_before_compiling(base_dir, tmp_path, shared_data):
+    from jaxrl.launch import load
+
+    with pytest.raises(ConfigError, match=r"passk.benchmarks has \['cvdp'\]"):
+        load("configs/chunk_ttt_eval.yaml", eval_args(base_dir, tmp_path)[1:] + ["passk.benchmarks=[cvdp]"])
+    with pytest.raises(ConfigError, match=r"passk.budgets has \[0.25\], not in budgets=\[0.5\]"):
+        load("configs/chunk_ttt_eval.yaml", eval_args(base_dir, tmp_path)[1:] + ["passk.budgets=[0.25]"])
+    with pytest.raises(ConfigError, match="passk.benchmarks has mbpp: .*Set passk.data_dir"):
+        load("configs/chunk_ttt_eval.yaml", eval_args(base_dir, tmp_path)[1:] + [
+            "passk.benchmarks=[mbpp]", f"passk.data_dir={tmp_path}"])
+    # 32 positions leave no room for a prompt after 32 new tokens: refused before the base loads.
+    module, cfg = load("configs/chunk_ttt_eval.yaml", eval_args(base_dir, tmp_path)[1:] + [
+        "passk.benchmarks=[mbpp]", f"passk.data_dir={shared_data}", "passk.sampling.max_new_tokens=32"])
+    with pytest.raises(ConfigError, match="passk.sampling.max_new_tokens=32 leaves no room"):
+        module.run(cfg)

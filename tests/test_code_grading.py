@@ -1,5 +1,7 @@
-"""Python grading: reference solutions pass, broken ones fail, pass@k, evaluate, cache, rewards."""
+"""Python grading: reference solutions pass, broken ones fail, pass@k, evaluate, cache, rewards;
+and the prompts without their tests (`strip_tests`) that chunk TTT adapts on."""
 
+import ast
 import importlib.util
 import json
 import math
@@ -8,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxrl.eval.grading import PythonGrader, evaluate, grade_batch
+from jaxrl.eval.grading import PythonGrader, evaluate, grade_batch, grade_samples
 from jaxrl.eval.passk import cvdp_pass_at_k, mean_pass_at_k, pass_at_k
 from jaxrl.eval.sandbox import Sandbox
 from jaxrl.eval.tasks import (
@@ -16,6 +18,7 @@ from jaxrl.eval.tasks import (
     load_classeval,
     load_humaneval,
     load_mbpp,
+    strip_tests,
     truncate_at_stop,
 )
 
@@ -129,6 +132,32 @@ def test_evaluate_with_a_plain_function_reports_pass_at_k_and_jsonl(grader, tmp_
         evaluate(generate, tasks, n_samples=2, k_list=(5,), grader=grader)
 
 
+def test_grade_samples_agrees_with_evaluate_and_checks_its_samples(grader, tmp_path):
+    """Completions drawn elsewhere (one set of weights per task) score as `evaluate` scores
+    the same completions drawn by a generate_fn: here right, then wrong, for each task."""
+    tasks = load_humaneval()[:3]
+    samples = [[t.reference, "    return None\n"] for t in tasks]
+    rounds = iter(range(2))
+
+    def generate(prompts):
+        r = next(rounds)
+        return [samples[[t.prompt for t in tasks].index(p)][r] for p in prompts]
+
+    drawn = evaluate(generate, tasks, n_samples=2, k_list=(1, 2), grader=grader)
+    given = grade_samples(tasks, samples, (1, 2), grader=grader, results_path=tmp_path / "r.jsonl")
+    summary = ("tasks", "samples", "pass@1", "pass@2", "cvdp_pass@1", "cvdp_pass@2")
+    assert {k: given[k] for k in summary} == {k: drawn[k] for k in summary}
+    assert (given["tasks"], given["samples"], given["pass@1"], given["pass@2"]) == (3, 2, 0.5, 1.0)
+    assert [r["correct"] for r in given["per_task"]] == [1, 1, 1]
+    assert (tmp_path / "r.jsonl").read_text().count("\n") == 3
+    with pytest.raises(ValueError, match="got 2 sample lists for 3 tasks"):
+        grade_samples(tasks, samples[:2], grader=grader)
+    with pytest.raises(ValueError, match=r"k=\[3\]"):
+        grade_samples(tasks, samples, (1, 3), grader=grader)
+    with pytest.raises(ValueError, match=r"k=\[2\]"):  # one task drew a single sample
+        grade_samples(tasks, [samples[0], samples[1], samples[2][:1]], (1, 2), grader=grader)
+
+
 def test_grade_batch_returns_float_rewards(grader):
     tasks = load_humaneval()[:3]
     rewards = grade_batch([tasks[0].reference, "    return None\n", tasks[2].reference], tasks, grader)
@@ -163,3 +192,70 @@ def test_eval_code_recipe_grades_references_from_the_cli_config(tmp_path, shared
         load("configs/eval_code.yaml", [])
     with pytest.raises(ConfigError, match="n_samples"):
         load("configs/eval_code.yaml", ["checkpoint=x", "sampling.k=[5]"])
+
+
+# ---------------------------------------------------------------------------------------------
+# strip_tests: the text test-time training adapts on, without the examples the tests repeat
+
+
+def test_strip_tests_drops_the_mbpp_asserts_and_keeps_the_task(shared_data):
+    """MBPP's prompt lists its graded asserts after the task: what stays is the task, up to
+    the first assert, for all 500 test problems."""
+    for task in load_mbpp(shared_data, split="test"):
+        stripped = strip_tests(task)
+        assert stripped == task.prompt[:task.prompt.index("assert ")], task.task_id
+        assert stripped.rstrip().endswith("Your code should pass these tests:")
+        assert not any(line.strip() in stripped for line in task.test.splitlines() if line.strip())
+
+
+def test_strip_tests_drops_humaneval_doctests_and_keeps_the_signature():
+    task = load_humaneval()[0]
+    assert strip_tests(task) == (
+        "from typing import List\n\n\n"
+        "def has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+        '    """ Check if in given list of numbers, are any two numbers closer to each other than\n'
+        "    given threshold.\n"
+        '    """\n')
+    for task in load_humaneval():  # every prompt: still the same function, examples gone
+        stripped = strip_tests(task)
+        assert ">>>" not in stripped and f"def {task.entry_point}(" in stripped, task.task_id
+        ast.parse(stripped + task.reference)  # the docstring still closes: a valid program
+
+
+def test_strip_tests_drops_prose_example_calls_and_keeps_definitions():
+    by_id = {t.task_id: t for t in load_humaneval()}
+    happy = strip_tests(by_id["HumanEval/80"])  # `is_happy(abcd) => True`: bare-word arguments
+    assert "For example:" in happy and "is_happy(a" not in happy
+    grid = strip_tests(by_id["HumanEval/87"])  # a call whose nested list spans 5 lines
+    assert "Examples:\n" in grid and "get_row([" not in grid and "[1,2,3,4,5,6]" not in grid
+    assert "(2, 5)" not in grid and "each row may contain a different number" in grid
+    binary = strip_tests(by_id["HumanEval/79"])  # `decimal_to_binary(15)   # returns "db1111db"`
+    assert "db1111db" not in binary and "extra couple of characters 'db'" in binary
+    assert "Output: [2, 1]" not in strip_tests(by_id["HumanEval/68"])  # Input: / Output: blocks
+    assert "should be 14" not in strip_tests(by_id["HumanEval/133"])  # For lst = [1,2,3] the output should be 14
+    # HumanEval/130 defines tri by its recurrence, then gives examples (one over two lines).
+    tri = strip_tests(by_id["HumanEval/130"])
+    assert "    tri(n) = 1 + n / 2, if n is even.\n" in tri
+    assert "    tri(n) =  tri(n - 1) + tri(n - 2) + tri(n + 1), if n is odd.\n" in tri
+    assert "tri(3)" not in tri and "2 + 3 + 3 = 8" not in tri and "tri(1) = 3" not in tri
+    # What is left that names the entry point with parentheses: definitions, over parameters.
+    left = {(t.task_id, line.strip()) for t in load_humaneval() for line in strip_tests(t).splitlines()
+            if f"{t.entry_point}(" in line and not line.lstrip().startswith("def ")}
+    assert left == {
+        ("HumanEval/46", "fib4(n) -> fib4(n-1) + fib4(n-2) + fib4(n-3) + fib4(n-4)."),
+        ("HumanEval/63", "fibfib(n) == fibfib(n-1) + fibfib(n-2) + fibfib(n-3)."),
+        ("HumanEval/90", "Write a function next_smallest() that returns the 2nd smallest element of the list."),
+        ("HumanEval/130", "tri(n) = 1 + n / 2, if n is even."),
+        ("HumanEval/130", "tri(n) =  tri(n - 1) + tri(n - 2) + tri(n + 1), if n is odd."),
+    }
+
+
+def test_strip_tests_drops_classeval_doctests_and_keeps_every_method(shared_data):
+    for task in load_classeval(shared_data):
+        stripped = strip_tests(task)
+        assert ">>>" not in stripped, task.task_id
+        assert stripped.count("def ") == task.prompt.count("def ")
+        assert stripped.count('"""') == task.prompt.count('"""')
+    first = strip_tests(load_classeval(shared_data)[0])
+    assert "filter.filter({'path': '/login'" not in first
+    assert ":return: bool, True if the request is allowed, False otherwise" in first

@@ -1,7 +1,8 @@
 """Grade Python completions in the sandbox: a worker pool, a result cache, pass@k, JSONL reports.
 
 `PythonGrader` turns (task, completion) pairs into `SampleResult`s; `evaluate` scores any
-`generate_fn(prompts) -> completions`; `grade_batch` is the host-side reward call for RL recipes.
+`generate_fn(prompts) -> completions`, `grade_samples` completions already drawn; `grade_batch`
+is the host-side reward call for RL recipes.
 Workers are threads: each one only waits on a sandboxed subprocess, so threads use the cores.
 """
 
@@ -192,7 +193,6 @@ def evaluate(
     """
     if bad := [k for k in k_list if not 1 <= k <= n_samples]:
         raise ValueError(f"pass@k needs 1 <= k <= n_samples={n_samples}; got k={bad}")
-    grader = grader or default_grader()
     prompts = [t.prompt for t in tasks]
     samples: list[list[str]] = [[] for _ in tasks]
     for _ in range(n_samples):
@@ -201,6 +201,25 @@ def evaluate(
             raise ValueError(f"generate_fn returned {len(completions)} completions for {len(prompts)} prompts")
         for bucket, completion in zip(samples, completions):
             bucket.append(completion)
+    return grade_samples(tasks, samples, k_list, grader=grader, results_path=results_path)
+
+
+def grade_samples(
+    tasks: Sequence[CodeTask],
+    samples: Sequence[Sequence[str]],
+    k_list: Sequence[int] = (1,),
+    *,
+    grader: PythonGrader | None = None,
+    results_path: str | os.PathLike | None = None,
+) -> dict:
+    """Grade `samples[i]` (task i's completions, drawn however the caller likes) -> the
+    summary `evaluate` returns. For samplers that cannot be a `generate_fn(prompts)`, such as
+    one set of weights per task."""
+    if len(samples) != len(tasks):
+        raise ValueError(f"got {len(samples)} sample lists for {len(tasks)} tasks")
+    if bad := [k for k in k_list if any(not 1 <= k <= len(bucket) for bucket in samples)]:
+        raise ValueError(f"pass@k needs 1 <= k <= the samples of every task; got k={bad}")
+    grader = grader or default_grader()
     flat_tasks = [t for t, bucket in zip(tasks, samples) for _ in bucket]
     flat_completions = [c for bucket in samples for c in bucket]
     flat_results = grader.grade_many(flat_tasks, flat_completions)
@@ -224,7 +243,7 @@ def evaluate(
         )
     summary = {
         "tasks": len(tasks),
-        "samples": n_samples,
+        "samples": max((len(b) for b in samples), default=0),
         **{f"pass@{k}": mean_pass_at_k(counts, k, pass_at_k) for k in k_list},
         **{f"cvdp_pass@{k}": mean_pass_at_k(counts, k, cvdp_pass_at_k) for k in k_list},
     }

@@ -14,7 +14,8 @@ Two variants behind one interface (`FastLM`), chosen by `FastConfig.type`:
 Either way one chunk's model input (`inputs`) is what scoring it needs: trunk states `[C, d]`
 (top) or the `2C` tokens `[X_{t-1}; X_t]` (lora); targets `[C]` are the chunk's tokens. The
 base parameters enter every loss under `jax.lax.stop_gradient` and are never differentiated;
-the fast weights and the inner optimiser's state are float32.
+the fast weights and the inner optimiser's state are float32. Either merged model decodes
+like a GPT-2, so `generate(lm.graphdef, lm.params(fast), ...)` samples from the adapted model.
 """
 
 from __future__ import annotations
@@ -47,31 +48,6 @@ class FastConfig:
             raise ConfigError(f"fast.hidden and fast.rank must be >= 1, got {self.hidden}, {self.rank}.")
         if self.inner_lr <= 0:
             raise ConfigError(f"fast.inner_lr must be > 0, got {self.inner_lr}.")
-
-
-def hidden_states(model: gpt2.GPT2, tokens: jax.Array) -> jax.Array:
-    """The trunk's last hidden states (before ln_f): GPT2.__call__ without its head.
-
-    tokens [B, T] -> [B, T, d]; pad keys masked and positions counted over real tokens, as in
-    `gpt2.GPT2` (a test holds `head_logits(model, hidden_states(model, x)) == model(x)`)."""
-    cfg = model.cfg
-    T = tokens.shape[1]
-    real = tokens != cfg.pad_id
-    positions = jnp.maximum(jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1, 0)
-    attend = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None] & real[:, None, :]
-    x = model.wte(tokens) + model.wpe(positions)
-    for block in model.h:
-        x = block(x, attend, deterministic=True, dropout_key=None)
-    return x
-
-
-def head_logits(model: gpt2.GPT2, h: jax.Array) -> jax.Array:
-    """ln_f then the tied embedding, in f32, pad and shard-padding rows never predicted."""
-    cfg = model.cfg
-    x = model.ln_f(h).astype(jnp.float32)
-    logits = jnp.einsum("...c,vc->...v", x, model.wte.embedding[...].astype(jnp.float32))
-    ids = jnp.arange(cfg.embedding_rows)
-    return jnp.where((ids == cfg.pad_id) | (ids >= cfg.vocab_size), -1e9, logits)
 
 
 class FastTop(nnx.Module):
@@ -143,8 +119,13 @@ class FastLM:
         base = jax.lax.stop_gradient(self.base)
         model = nnx.merge(self.graphdef, fast, base, copy=True)
         if self.cfg.type == "top":
-            return head_logits(model.lm, model.fast(inputs))
+            return model.lm.head(model.fast(inputs))
         return model(inputs[None])[0, self.chunk - 1:-1]
+
+    def params(self, fast) -> nnx.State:
+        """Base + `fast` as one state: `generate(lm.graphdef, lm.params(fast), ...)` samples
+        from the adapted model (both variants decode like a GPT-2, KV cache included)."""
+        return nnx.merge_state(fast, self.base)
 
     def score(self, fast, inputs, targets, mask):
         """-> (mean CE of the chunk's targets, aux signals)."""
@@ -161,9 +142,21 @@ class FastLM:
 
 
 class _TopModel(nnx.Module):
+    """The frozen GPT-2 with `FastTop` between its trunk and its head, called like a GPT-2
+    (`(tokens, mask, cache=...)`), so `generate` decodes it as it decodes the base model."""
+
     def __init__(self, lm: gpt2.GPT2, fast: FastTop):
         self.lm = lm
         self.fast = fast
+
+    @property
+    def cfg(self) -> gpt2.GPT2Config:
+        return self.lm.cfg
+
+    def __call__(self, tokens, attention_mask=None, *, cache=None, **kw):
+        h, cache_out = self.lm.hidden(tokens, attention_mask, cache=cache, **kw)
+        logits = self.lm.head(self.fast(h))
+        return logits if cache is None else (logits, cache_out)
 
 
 def build(lm: gpt2.GPT2, cfg: FastConfig, chunk: int, seed: int = 0) -> FastLM:
@@ -184,4 +177,4 @@ def build(lm: gpt2.GPT2, cfg: FastConfig, chunk: int, seed: int = 0) -> FastLM:
 def trunk_states(lm: gpt2.GPT2, tokens: jax.Array, chunk: int) -> jax.Array:
     """Cached inputs of the `top` variant: windows [N, 2C] -> states of the last C targets'
     predecessors [N, C, d] (position C-1 .. 2C-2 predict tokens C .. 2C-1)."""
-    return jax.lax.stop_gradient(hidden_states(lm, tokens)[:, chunk - 1:-1])
+    return jax.lax.stop_gradient(lm.hidden(tokens)[0][:, chunk - 1:-1])

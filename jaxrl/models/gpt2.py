@@ -258,6 +258,24 @@ class GPT2(nnx.Module):
           logits [B, T, embedding_rows] in float32 (ids >= vocab_size and the pad id are never
           predicted), and the updated cache when one was given.
         """
+        x, new_cache = self.hidden(tokens, attention_mask, deterministic=deterministic,
+                                   positions=positions, cache=cache, rngs=rngs)
+        logits = self.head(x)
+        return logits if cache is None else (logits, new_cache)
+
+    def hidden(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        rngs: nnx.Rngs | jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """`__call__` without its head: the last block's output [B, T, C] (before `ln_f`) and
+        the updated cache (None without one). A model that inserts a layer before the head
+        (`fast_weights`' `top`) reuses the trunk, cache included, through this."""
         cfg = self.cfg
         B, T = tokens.shape
         real = tokens != cfg.pad_id
@@ -297,19 +315,22 @@ class GPT2(nnx.Module):
                 x = nnx.remat(_run_block, static_argnums=(3,))(block, x, attend, deterministic, dropout_key)
             else:
                 x = block(x, attend, deterministic=deterministic, dropout_key=dropout_key)
+        if cache is None:
+            return x, None
+        return x, KVCache(tuple(new_keys), tuple(new_values), key_real, cache.index + T)
 
+    def head(self, x: jax.Array) -> jax.Array:
+        """`ln_f` then the tied embedding: [..., C] -> [..., embedding_rows] f32 logits."""
+        cfg = self.cfg
         x = self.ln_f(x)
         # The tied head runs in f32 whatever the compute dtype: bf16 logits would round every
         # log-prob an RL loss or ratio reads by up to ~0.03 nats at logits of ~10.
         embedding = self.wte.embedding[...].astype(jnp.float32)  # [V, C]
-        logits = jnp.einsum("btc,vc->btv", x.astype(jnp.float32), embedding)
+        logits = jnp.einsum("...c,vc->...v", x.astype(jnp.float32), embedding)
         # Pad is an input-only token and rows past vocab_size only fill the tensor shards: the
         # model never predicts either (finite, so masked losses stay 0).
         ids = jnp.arange(cfg.embedding_rows)
-        logits = jnp.where((ids == cfg.pad_id) | (ids >= cfg.vocab_size), -1e9, logits)
-        if cache is None:
-            return logits
-        return logits, KVCache(tuple(new_keys), tuple(new_values), key_real, cache.index + T)
+        return jnp.where((ids == cfg.pad_id) | (ids >= cfg.vocab_size), -1e9, logits)
 
 
 def _run_block(block, x, attend, deterministic, dropout_key):

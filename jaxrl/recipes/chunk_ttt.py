@@ -322,11 +322,15 @@ def train_budget(cfg: Config, fast_lm, rho: float, docs: ct.Docs, budget: float,
     result = train(bcfg, state=state0, step_fn=update, key=train_key,
                    batches=itertools.repeat(placed))
     state = jax.device_get(result.state)
-    policy = {"params": state.ppo.params.to_pure_dict(),
-              "obs_stats": serialization.to_state_dict(state.ppo.obs_stats),
-              "pid": serialization.to_state_dict(state.pid)}
-    (run_dir / "policy.msgpack").write_bytes(serialization.msgpack_serialize(policy))
+    save_policy(run_dir / "policy.msgpack", state.ppo.params, state.ppo.obs_stats, state.pid)
     return result, run_dir
+
+
+def save_policy(path: Path, params, obs_stats: RunningStats, pid: PIDState):
+    """The file `load_policy` reads: the actor-critic's params, the observation normaliser, the PID."""
+    policy = {"params": params.to_pure_dict(), "obs_stats": serialization.to_state_dict(obs_stats),
+              "pid": serialization.to_state_dict(pid)}
+    path.write_bytes(serialization.msgpack_serialize(policy))
 
 
 def load_policy(cfg: Config, fast_lm, rho: float, budget: float, num_chunks: int, path: Path):

@@ -23,7 +23,7 @@ from jaxrl.core.config import ConfigError, RecipeConfig
 from jaxrl.eval.grading import PythonGrader, evaluate, write_jsonl
 from jaxrl.eval.passk import cvdp_pass_at_k, mean_pass_at_k, pass_at_k
 from jaxrl.eval.sandbox import Limits, Sandbox
-from jaxrl.eval.tasks import extract_code, load_tasks, truncate_at_stop
+from jaxrl.eval.tasks import CodeTask, extract_code, load_tasks, truncate_at_stop
 
 # Refused with several processes (checked by `jaxrl.launch` before any device work).
 SINGLE_PROCESS = ("grading runs sandboxed programs on this host and writes one results "
@@ -76,13 +76,46 @@ class Config(RecipeConfig):
             raise ConfigError("limit and workers must be >= 0 and timeout_s > 0.")
 
 
+def prompt_width(s: SamplingConfig, n_positions: int) -> int:
+    """Prompt tokens a sample keeps (its last ones): what `max_new_tokens` leaves of the context."""
+    width = min(s.max_prompt_tokens, n_positions - s.max_new_tokens)
+    if width < 1:
+        raise ConfigError(f"sampling.max_new_tokens={s.max_new_tokens} leaves no room for a prompt in "
+                          f"n_positions={n_positions}.")
+    return width
+
+
+def sample_completions(graphdef, params, tokenizer, prompts: list[str], width: int, s: SamplingConfig,
+                       key, *, whole_program: bool, stops: list[tuple[str, ...]] | None = None) -> list[str]:
+    """One completion per prompt, in one `generate` call: prompts left-padded to `width` (their
+    last tokens kept); the answer is the first fenced block (whole programs) or the text up to
+    its stop sequence (`stops[i]`, HumanEval continuations)."""
+    from jaxrl.models.generate import generate
+
+    rows = [tokenizer.encode(p)[-width:] for p in prompts]
+    tokens = np.full((len(rows), width), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    gen = generate(graphdef, params, tokens, mask, key, max_new_tokens=s.max_new_tokens,
+                   temperature=s.temperature, top_p=s.top_p,
+                   eos_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
+    new = np.asarray(gen.tokens)[:, width:]
+    keep = np.asarray(gen.response_mask)[:, width:].astype(bool)
+    out = []
+    for i, (ids, m) in enumerate(zip(new, keep)):
+        text = tokenizer.decode([int(t) for t in ids[m]], skip_special_tokens=True)
+        out.append(extract_code(text) if whole_program else truncate_at_stop(text, stops[i]))
+    return out
+
+
 def make_generate_fn(cfg: Config, stop_for: dict[str, tuple[str, ...]], whole_program: bool):
     """prompts -> completions with `jaxrl.models.generate` on a GPT-2 checkpoint."""
     import jax
 
     from jaxrl.data.tokenizer import Tokenizer
     from jaxrl.models import gpt2
-    from jaxrl.models.generate import generate
 
     path = Path(cfg.checkpoint)
     if not (path / "config.json").is_file():
@@ -94,10 +127,7 @@ def make_generate_fn(cfg: Config, stop_for: dict[str, tuple[str, ...]], whole_pr
     model = gpt2.from_pretrained(path)
     graphdef, params = nnx.split(model)
     s = cfg.sampling
-    width = min(s.max_prompt_tokens, model.cfg.n_positions - s.max_new_tokens)
-    if width < 1:
-        raise ConfigError(f"sampling.max_new_tokens={s.max_new_tokens} leaves no room for a prompt in "
-                          f"n_positions={model.cfg.n_positions}.")
+    width = prompt_width(s, model.cfg.n_positions)
     key = jax.random.key(cfg.run.seed)
 
     def generate_fn(prompts: list[str]) -> list[str]:
@@ -105,33 +135,31 @@ def make_generate_fn(cfg: Config, stop_for: dict[str, tuple[str, ...]], whole_pr
         out = []
         for start in range(0, len(prompts), s.batch_size):
             chunk = prompts[start : start + s.batch_size]
-            rows = [tokenizer.encode(p)[-width:] for p in chunk]
-            tokens = np.full((len(rows), width), tokenizer.pad_id, np.int32)
-            mask = np.zeros((len(rows), width), np.int32)
-            for i, row in enumerate(rows):
-                tokens[i, width - len(row) :] = row
-                mask[i, width - len(row) :] = 1
             key, sample_key = jax.random.split(key)
-            gen = generate(graphdef, params, tokens, mask, sample_key, max_new_tokens=s.max_new_tokens,
-                           temperature=s.temperature, top_p=s.top_p,
-                           eos_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
-            new = np.asarray(gen.tokens)[:, width:]
-            keep = np.asarray(gen.response_mask)[:, width:].astype(bool)
-            for prompt, ids, m in zip(chunk, new, keep):
-                text = tokenizer.decode([int(t) for t in ids[m]], skip_special_tokens=True)
-                text = extract_code(text) if whole_program else truncate_at_stop(text, stop_for[prompt])
-                out.append(text)
+            stops = None if whole_program else [stop_for[p] for p in chunk]
+            out += sample_completions(graphdef, params, tokenizer, chunk, width, s, sample_key,
+                                      whole_program=whole_program, stops=stops)
         return out
 
     return generate_fn
 
 
+def python_tasks(benchmark: str, data_dir: str, mbpp_split: str, limit: int) -> list[CodeTask]:
+    """The first `limit` tasks (0: all) of a Python benchmark."""
+    kw = {"split": mbpp_split} if benchmark == "mbpp" else {}
+    tasks = load_tasks(benchmark, data_dir or None, **kw)
+    return tasks[:limit] if limit else tasks
+
+
+def python_grader(sandbox: Sandbox, timeout_s: float, workers: int) -> PythonGrader:
+    """The sandboxed grader with a `timeout_s` wall (and CPU) limit per program; workers 0: one per core."""
+    limits = Limits(wall_seconds=timeout_s, cpu_seconds=max(1, int(timeout_s)))
+    return PythonGrader(sandbox, limits=limits, workers=workers or None)
+
+
 def _run_python(cfg: Config, sandbox: Sandbox, run_dir: Path) -> dict:
-    kw = {"split": cfg.mbpp_split} if cfg.benchmark == "mbpp" else {}
-    tasks = load_tasks(cfg.benchmark, cfg.data_dir or None, **kw)
-    tasks = tasks[: cfg.limit] if cfg.limit else tasks
-    limits = Limits(wall_seconds=cfg.timeout_s, cpu_seconds=max(1, int(cfg.timeout_s)))
-    grader = PythonGrader(sandbox, limits=limits, workers=cfg.workers or None)
+    tasks = python_tasks(cfg.benchmark, cfg.data_dir, cfg.mbpp_split, cfg.limit)
+    grader = python_grader(sandbox, cfg.timeout_s, cfg.workers)
     if cfg.references:
         by_prompt = {t.prompt: t.reference for t in tasks}
         generate_fn, n, ks = (lambda prompts: [by_prompt[p] for p in prompts]), 1, [1]

@@ -15,7 +15,8 @@ separate: c_t = rho * K[a_t] extra forward-equivalents, never mixed into the rew
 
 Observations (21 floats) read only chunks < t (see `FEATURES`). One step function
 (`advance`) serves PPO training (`ChunkTTTEnv`, gymnax-style with auto-reset) and the
-evaluation rollouts (`rollout`: one `lax.scan` over chunks, vmapped over documents).
+evaluation rollouts (`rollout`: one `lax.scan` over chunks, vmapped over documents;
+`rollout_adapted` also returns the adapted fast weights, for sampling completions).
 
 Known limit: under `vmap` a batched `while_loop` runs the batch's largest k for every
 document, so wall-clock follows the batch maximum; every method is still charged its own cost.
@@ -299,28 +300,50 @@ class Trace:
     obs: jax.Array  # [N, T-1, 21]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def rollout(ttt: ChunkTTT, docs: Docs, act, p0, per_doc, key) -> Trace:
-    """Run `act` over every document (vmapped) and chunk (scanned); padded steps are inert."""
+@struct.dataclass
+class Reading:
+    """The carry of one document's scan over its chunks: where it is, and the policy's state."""
+
+    state: ChunkState
+    p: Any
+
+
+def _read(ttt: ChunkTTT, docs: Docs, act, p0, per_doc, key) -> tuple[Reading, Trace]:
+    """The body of both rollouts -> (each document's last carry, its trace)."""
     T = docs.num_chunks
 
     def one(doc, per, key):
-        def step(carry, t_key):
-            state, p = carry
+        def step(carry: Reading, t_key):
             t, k = t_key
-            obs = ttt.observe(state, T)
-            action, p = act(ttt, docs, p, obs, state, per, k)
+            obs = ttt.observe(carry.state, T)
+            action, p = act(ttt, docs, carry.p, obs, carry.state, per, k)
             valid = docs.valid[doc, t]
             action = jnp.where(valid, action, 0).astype(jnp.int32)
-            new, reward, cost, loss = ttt.advance(docs, state, action)
-            state = jax.tree.map(lambda a, b: jnp.where(valid, a, b), new, state)
-            return (state, p), Trace(action=action, loss=loss, reward=reward * valid,
-                                     cost=cost * valid, valid=valid, obs=obs)
+            new, reward, cost, loss = ttt.advance(docs, carry.state, action)
+            state = jax.tree.map(lambda a, b: jnp.where(valid, a, b), new, carry.state)
+            return Reading(state=state, p=p), Trace(action=action, loss=loss, reward=reward * valid,
+                                                    cost=cost * valid, valid=valid, obs=obs)
         ts = jnp.arange(1, T)
-        return jax.lax.scan(step, (ttt.start(docs, doc), p0), (ts, jax.random.split(key, T - 1)))[1]
+        start = Reading(state=ttt.start(docs, doc), p=p0)
+        return jax.lax.scan(step, start, (ts, jax.random.split(key, T - 1)))
 
     n = docs.targets.shape[0]
     return jax.vmap(one)(jnp.arange(n), per_doc, jax.random.split(key, n))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def rollout(ttt: ChunkTTT, docs: Docs, act, p0, per_doc, key) -> Trace:
+    """Run `act` over every document (vmapped) and chunk (scanned); padded steps are inert."""
+    return _read(ttt, docs, act, p0, per_doc, key)[1]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def rollout_adapted(ttt: ChunkTTT, docs: Docs, act, p0, per_doc, key) -> tuple[Trace, Any]:
+    """`rollout`, and each document's fast weights after its last decision ([N, ...] leaves):
+    what a completion of the document is sampled with. Its own jit, so `rollout` never
+    returns (or keeps) N copies of the fast weights."""
+    end, trace = _read(ttt, docs, act, p0, per_doc, key)
+    return trace, end.state.fast
 
 
 def summarize(trace: Trace, docs: Docs, budget: float) -> dict:
