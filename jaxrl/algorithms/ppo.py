@@ -343,7 +343,7 @@ class PPO:
         noises = jax.vmap(dist_shape.noise)(action_keys)
 
         def step(state: PPOState, xs):
-            noise, env_keys = xs
+            noise, step_keys = xs  # this step's action noise [n, ...] and env keys [n]
             obs = self.normalize_obs(state.obs, state.obs_stats)
             dist, value = model(obs, state.action_mask)
             cost_value = None
@@ -353,7 +353,7 @@ class PPO:
             log_prob = dist.log_prob(action)
             next_obs, env_state, reward, terminated, truncated, info = jax.vmap(
                 self.env.step, in_axes=(0, 0, 0, None))(
-                    env_keys, state.env_state, self.env_action(action), self.env_params)
+                    step_keys, state.env_state, self.env_action(action), self.env_params)
             if "final_observation" not in info:
                 raise ValueError(
                     f"{self.env!r}.step must return info['final_observation'] (the pre-reset "
