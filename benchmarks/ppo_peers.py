@@ -4,8 +4,9 @@
                                    [--sb3-steps 20480]
 
 Rows: jaxrl's recipe (`configs/ppo_cartpole.yaml` through `jaxrl.recipes.ppo.run`, the path a
-user runs), rejax's PPO (PureJaxRL-style, whole run in one jit) and Stable-Baselines3's PPO
-(PyTorch, 4 DummyVecEnv envs). Shared settings are PureJaxRL's CartPole config: 4 envs x 128
+user runs), rejax's PPO (PureJaxRL-style, whole run in one jit; in a process of its own that
+never imports jaxrl, so with jaxlib's XLA defaults, as its users run it) and Stable-Baselines3's
+PPO (PyTorch, 4 DummyVecEnv envs). Shared settings are PureJaxRL's CartPole config: 4 envs x 128
 steps, 4 epochs x 4 minibatches, gamma 0.99, lambda 0.95, clip 0.2 (policy and value), vf 0.5,
 ent 0.01, Adam 2.5e-4 annealed to 0, grad norm 0.5, 64x64 tanh actor and critic.
 `env_steps_per_s` excludes compilation on the JAX rows (jaxrl's also excludes creating the
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +32,9 @@ import jax
 
 from machine import check_floors, machine_info  # benchmarks/ is on sys.path when run as a script
 
+# The caller's XLA flags, before `import jaxrl` adds its YNN setting: each peer runs in its own
+# process with these (jaxlib's defaults unless the caller set flags), as its users run it.
+CALLER_XLA_FLAGS = os.environ.get("XLA_FLAGS")
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "ppo_cartpole.yaml"
 # configs/ppo_cartpole.yaml's settings, spelled once for the peers.
@@ -39,6 +45,7 @@ EVAL_EPISODES = 32
 
 
 def run_jaxrl() -> dict:
+    import jaxrl  # noqa: F401  (its XLA flags, before JAX starts its backend)
     from jaxrl.launch import load
     from jaxrl.recipes.ppo import run
 
@@ -99,8 +106,22 @@ def run_rejax() -> dict:
     return {"env_steps": steps, "env_steps_per_s": round(steps / seconds),
             "wall_s": round(seconds + compile_s, 1), "compile_s": round(compile_s, 1),
             "final_return": round(float(returns[-1].mean()), 2),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "how": "rejax PPO.train, whole run in one jit (incl. its one evaluation, "
-                   "128 episodes); no learning-rate annealing (rejax has none)"}
+                   "128 episodes), in its own process with the caller's XLA flags (jaxlib's "
+                   "defaults: YNN fusions on); no learning-rate annealing (rejax has none)"}
+
+
+def in_own_process(peer: str) -> dict:
+    """`peer`'s row from a fresh process that never imports jaxrl (so none of its flags)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if CALLER_XLA_FLAGS is not None:
+        env["XLA_FLAGS"] = CALLER_XLA_FLAGS
+    out = subprocess.run([sys.executable, __file__, "--peer", peer], env=env,
+                         capture_output=True, text=True, timeout=1800)
+    if out.returncode:
+        return {"error": f"{peer} exited {out.returncode}: {out.stderr[-2000:]}"}
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def run_sb3(steps: int) -> dict:
@@ -156,9 +177,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ppo_peers.json"))
     parser.add_argument("--sb3-steps", type=int, default=20_480)
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--peer", choices=["rejax"], help=argparse.SUPPRESS)  # in_own_process
     args = parser.parse_args(argv)
+    if args.peer:
+        print(json.dumps(guarded("rejax", run_rejax)))
+        return 0
 
-    rows = {"jaxrl": run_jaxrl(), "rejax": guarded("rejax", run_rejax),
+    rows = {"jaxrl": run_jaxrl(), "rejax": in_own_process("rejax"),
             "sb3": guarded("stable-baselines3", run_sb3, args.sb3_steps)}
     report = {"benchmark": "ppo_peers", "env": "CartPole-v1", "hyper_parameters": HP,
               "machine": machine_info(), "rows": rows, "ratios": ratios(rows)}

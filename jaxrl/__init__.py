@@ -3,18 +3,21 @@
 import os
 
 
-def _avoid_ynn_fusions() -> None:
-    """Turn off XLA:CPU's YNNPACK fusions unless the user chose a setting.
+def _ynn_dots_only() -> None:
+    """Keep XLA:CPU's YNNPACK kernels for dots only, unless the user chose a setting.
 
-    jaxlib 0.10.2 sends dots, reductions and elementwise ops to `__ynn_fusion` kernels by
-    default, and these crash or hang at run time on some x86-64 CPUs (jax-ml/jax#39257). The
-    empty list disables them; GPT-2-sized matmuls are as fast without, small PPO programs
-    about 20% slower on a 2-core Xeon. Must run before JAX starts its CPU backend, hence at
-    import. Set `--xla_cpu_experimental_ynn_fusion_type=...` in XLA_FLAGS to choose otherwise.
+    jaxlib 0.10.2 also sends elementwise ops and reductions to `__ynn_fusion` kernels by
+    default; those crash or hang on some x86-64 CPUs (jax-ml/jax#39257: broadcast-multiply-
+    reduce through slinky's transpose) and gave NaN where a constant was folded into one (see
+    docs/chunk_ttt.md), so they stay off. YNNPACK's dot kernels are what makes small matmuls
+    fast on CPU (on a 2-core Xeon: CartPole PPO +31%, GPT-2 decode at batch 8 +55%; with no
+    YNN at all XLA falls back to slower Eigen calls). Must run before JAX starts its CPU
+    backend, hence at import. Set `--xla_cpu_experimental_ynn_fusion_type=...` in XLA_FLAGS
+    (empty: no YNN kernels) to choose otherwise.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_experimental_ynn_fusion_type=".strip()
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_experimental_ynn_fusion_type=dot".strip()
 
 
-_avoid_ynn_fusions()
+_ynn_dots_only()

@@ -185,20 +185,24 @@ def test_fused_steps_equal_one_at_a_time_and_stop_at_every_cadence_point(tmp_pat
     assert Checkpointer(tmp_path / "fused" / "checkpoints").latest_step() == 10
 
 
-def test_programs_compile_without_ynn_fusions_unless_the_user_asks():
-    """jaxrl turns off XLA:CPU's YNNPACK fusions (they hang on some CPUs, see jaxrl/__init__);
-    a user's own `--xla_cpu_experimental_ynn_fusion_type` is left alone."""
-    code = ("import jaxrl, jax, jax.numpy as jnp\n"
-            "f = jax.jit(lambda a, b: jnp.tanh(a @ b).sum())\n"
-            "x = jnp.ones((64, 64))\n"
-            "print('ynn' if '__ynn_fusion' in f.lower(x, x).compile().as_text() else 'none')\n")
+def test_only_dots_compile_to_ynn_kernels_unless_the_user_asks():
+    """jaxrl keeps XLA:CPU's YNNPACK kernels for dots and turns off its elementwise / reduce
+    fusions (they crash or hang on some CPUs, see jaxrl/__init__); a user's own
+    `--xla_cpu_experimental_ynn_fusion_type` is left alone."""
+    programs = {"dot": "lambda a, b: a @ b", "eltwise": "lambda a, b: jnp.tanh(a * b).sum(0)"}
 
-    def fusions(xla_flags):
+    def fusions(program, xla_flags):
+        code = ("import jaxrl, jax, jax.numpy as jnp\n"
+                f"f = jax.jit({programs[program]})\n"
+                "x = jnp.ones((64, 64))\n"
+                "print('ynn' if '__ynn_fusion' in f.lower(x, x).compile().as_text() else 'none')\n")
         env = {**os.environ, "XLA_FLAGS": xla_flags}
         out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stdout.split()[-1]
 
-    assert fusions("") == "none"
-    assert fusions("--xla_cpu_experimental_ynn_fusion_type=dot") == "ynn"
+    assert (fusions("dot", ""), fusions("eltwise", "")) == ("ynn", "none")
+    everything = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"  # jaxlib's own default
+    assert fusions("eltwise", everything) == "ynn"
+    assert fusions("dot", "--xla_cpu_experimental_ynn_fusion_type=") == "none"
