@@ -123,7 +123,7 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    return check_floors("graders", report["ratios"]) if args.check else 0
+    return check_floors("graders", report["ratios"], machine=report["machine"]) if args.check else 0
 
 
 if __name__ == "__main__":

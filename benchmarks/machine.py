@@ -63,13 +63,25 @@ def machine_info() -> dict:
     return info
 
 
-def check_floors(benchmark: str, ratios: dict, floors_path: Path = FLOORS) -> int:
+def floors_for(benchmark: str, machine: dict | None = None, floors_path: Path = FLOORS) -> dict:
+    """`benchmark`'s floors, with the `"amx"` section's on a CPU with AMX: there torch's bf16
+    runs on AMX tiles, a different peer from a CPU without them."""
+    table = json.loads(floors_path.read_text())
+    floors = dict(table.get(benchmark, {}))
+    if machine and machine.get("amx"):
+        floors.update(table.get("amx", {}).get(benchmark, {}))
+    return floors
+
+
+def check_floors(benchmark: str, ratios: dict, floors_path: Path = FLOORS, *,
+                 machine: dict | None = None) -> int:
     """`--check`: 1 when a ratio is below its floor in floors.json (each one named on stderr).
 
     Floors sit below measured runs, so only a regression trips them; a ratio missing from
-    `ratios` (its peer is not installed, its core not built) is not a failure.
+    `ratios` (its peer is not installed, its core not built) is not a failure. `machine`
+    (the JSON's machine block) picks the AMX floors where they differ.
     """
-    floors = json.loads(floors_path.read_text()).get(benchmark, {})
+    floors = floors_for(benchmark, machine, floors_path)
     failures = [f"{benchmark}: {k} = {ratios[k]:.3g} < floor {v}" for k, v in floors.items()
                 if k in ratios and ratios[k] < v]
     for line in failures:

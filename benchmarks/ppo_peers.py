@@ -49,6 +49,9 @@ def run_jaxrl() -> dict:
     from jaxrl.launch import load
     from jaxrl.recipes.ppo import run
 
+    assert not jax._src.xla_bridge.backends_are_initialized(), (
+        "JAX's backend started before `import jaxrl`: the jaxrl row would run without its XLA flags")
+
     with tempfile.TemporaryDirectory() as run_dir:
         _, cfg = load(str(CONFIG), [f"run.dir={run_dir}", "loop.progress=false",
                                     f"eval.episodes={EVAL_EPISODES}"])
@@ -58,6 +61,7 @@ def run_jaxrl() -> dict:
     return {"env_steps": summary["env_steps"], "env_steps_per_s": summary["env_steps_per_sec"],
             "wall_s": summary["train_seconds"], "compile_s": summary["compile_seconds"],
             "final_return": summary["returns"]["ppo"]["mean"],
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "how": "jaxrl.launch configs/ppo_cartpole.yaml: updates fused between log points "
                    "(loop.max_fused_steps); rate from the loop's steps/s clock (no compile, state "
                    "creation, evaluation or plotting)"}
@@ -108,8 +112,9 @@ def run_rejax() -> dict:
             "final_return": round(float(returns[-1].mean()), 2),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "how": "rejax PPO.train, whole run in one jit (incl. its one evaluation, "
-                   "128 episodes), in its own process with the caller's XLA flags (jaxlib's "
-                   "defaults: YNN fusions on); no learning-rate annealing (rejax has none)"}
+                   "128 episodes), in its own process with the caller's XLA flags ("
+                   + ("jaxlib's defaults" if CALLER_XLA_FLAGS is None else "see xla_flags")
+                   + "); no learning-rate annealing (rejax has none)"}
 
 
 def in_own_process(peer: str) -> dict:
@@ -117,11 +122,17 @@ def in_own_process(peer: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     if CALLER_XLA_FLAGS is not None:
         env["XLA_FLAGS"] = CALLER_XLA_FLAGS
-    out = subprocess.run([sys.executable, __file__, "--peer", peer], env=env,
-                         capture_output=True, text=True, timeout=1800)
-    if out.returncode:
-        return {"error": f"{peer} exited {out.returncode}: {out.stderr[-2000:]}"}
-    return json.loads(out.stdout.splitlines()[-1])
+    try:
+        out = subprocess.run([sys.executable, __file__, "--peer", peer], env=env,
+                             capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return {"error": f"{peer} did not finish in 1800 s"}
+    try:
+        if out.returncode:
+            raise ValueError(f"exited {out.returncode}")
+        return json.loads(out.stdout.splitlines()[-1])
+    except (ValueError, IndexError) as e:
+        return {"error": f"{peer}: {e}: {out.stderr[-2000:]}"}
 
 
 def run_sb3(steps: int) -> dict:
@@ -191,7 +202,12 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    return check_floors("ppo_peers", report["ratios"]) if args.check else 0
+    if not args.check:
+        return 0
+    failed = [name for name, row in rows.items() if "error" in row]
+    for name in failed:  # a crashed peer has no ratio, which check_floors would let through
+        print(f"{name} failed: {rows[name]['error'][:300]}", file=sys.stderr)
+    return check_floors("ppo_peers", report["ratios"], machine=report["machine"]) or int(bool(failed))
 
 
 if __name__ == "__main__":

@@ -38,10 +38,40 @@ def test_committed_results_carry_every_floored_ratio_and_pass_it(script):
     """The README's numbers come from these files (`results/` for one machine, a subfolder per
     other machine): each must hold every ratio its floors name (a missing peer would hide a
     regression) and sit at or above each floor."""
-    floors = json.loads((BENCH / "floors.json").read_text())[script]
+    machine = load_machine()
     results = sorted((BENCH / "results").rglob(f"{script}.json"))
     assert BENCH / "results" / f"{script}.json" in results
     for path in results:
-        ratios = json.loads(path.read_text()).get("ratios", {})
+        report = json.loads(path.read_text())
+        floors, ratios = machine.floors_for(script, report["machine"]), report.get("ratios", {})
         assert sorted(set(floors) - set(ratios)) == [], path
-        assert load_machine().check_floors(script, ratios) == 0, path
+        assert machine.check_floors(script, ratios, machine=report["machine"]) == 0, path
+
+
+def test_amx_floors_replace_the_ones_they_name(tmp_path):
+    floors = tmp_path / "floors.json"
+    floors.write_text(json.dumps({"gpt2": {"train": 0.8, "decode": 1.2}, "amx": {"gpt2": {"train": 0.4}}}))
+    check = load_machine().check_floors
+    assert check("gpt2", {"train": 0.5, "decode": 1.3}, floors, machine={"amx": True}) == 0
+    assert check("gpt2", {"train": 0.5, "decode": 1.3}, floors, machine={"amx": False}) == 1
+    assert check("gpt2", {"train": 0.5, "decode": 1.1}, floors, machine={"amx": True}) == 1
+
+
+def test_a_peer_runs_in_its_own_process_and_a_missing_one_is_a_row(monkeypatch):
+    """ppo_peers asks a fresh process for rejax's row (so it never runs under jaxrl's XLA
+    flags); without rejax installed that row says how to install it instead of failing."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("rejax") is not None:
+        pytest.skip("rejax is installed: its row would train for minutes")
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_ppo_peers", BENCH / "ppo_peers.py")
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+    row = peers.in_own_process("rejax")
+    assert "pip install -e .[bench]" in row["not_installed"]
+    out = subprocess.run([sys.executable, str(BENCH / "ppo_peers.py"), "--peer", "sb3"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "invalid choice" in out.stderr

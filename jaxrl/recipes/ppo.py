@@ -135,8 +135,8 @@ def seed_axis(ppo: PPO, seeds: int):
 
     The seeds run one after another inside the one compiled step (`lax.map`), not batched by
     `vmap`: every op is then the one-seed program's. The vmapped step hung XLA:CPU (jaxlib
-    0.10.2) intermittently, in CI and once here (the recipe's test, first step, 600 s), with
-    and without YNN fusions; one-seed programs never did (README, run.seeds)."""
+    0.10.2) intermittently, in CI (YNN fusions on) and once here (the recipe's test, first
+    step, 600 s; no YNN kernels at all); one-seed programs never did (README, run.seeds)."""
     def init(key):
         return jax.lax.map(ppo.init, jax.random.split(key, seeds))
 
