@@ -276,7 +276,8 @@ def main():
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
-    return check_floors("gpt2", results["ratios"], machine=results["machine"]) if args.check and not args.quick else 0
+    return check_floors("gpt2", results["ratios"],
+                        machine=results["machine"]) if args.check and not args.quick else 0
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    return check_floors("ppo_throughput", report["ratios"], machine=report["machine"]) if args.check else 0
+    return check_floors("ppo_throughput", report["ratios"],
+                        machine=report["machine"]) if args.check else 0
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
-    return check_floors("prospector", results["ratios"], machine=results["machine"]) if args.check else 0
+    return check_floors("prospector", results["ratios"],
+                        machine=results["machine"]) if args.check else 0
 
 
 def ratios(env_steps: dict, ppo: dict, ppo_goal: int) -> dict:
