@@ -469,7 +469,7 @@ def test_eval_reports_pass_at_k_after_adapting_on_each_prompt(base_dir, tmp_path
                         "passk.benchmarks=[mbpp]", f"passk.data_dir={shared_data}", "passk.limit=2",
                         "passk.sampling.n_samples=2", "passk.sampling.k=[1,2]",
                         "passk.sampling.temperature=0.8", "passk.sampling.max_new_tokens=8",
-                        "passk.timeout_s=5"))
+                        "passk.timeout_s=5", "eval.heuristics=[periodic,loss_gate]"))
     assert rc == 0
     report = json.loads((tmp_path / "eval" / "passk.json").read_text())
     rows = report["rows"]
@@ -478,6 +478,7 @@ def test_eval_reports_pass_at_k_after_adapting_on_each_prompt(base_dir, tmp_path
     assert [r["method"] for r in rows[:2]] == ["SKIP", "U4"] and rows[3]["method"] == "policy"
     pareto = json.loads((tmp_path / "eval" / "pareto.json").read_text())
     heuristics = {k: v["ce"] for k, v in pareto["budgets"]["0.5"].items() if k in chunk_ttt_eval.HEURISTICS}
+    assert set(heuristics) == {"periodic", "loss_gate"}  # eval.heuristics: the table's rows
     assert rows[2]["method"] == min(heuristics, key=heuristics.get) and rows[2]["budget"] == 0.5
     for r in rows:
         assert (r["tasks"], r["samples"]) == (2, 2)
@@ -497,6 +498,8 @@ def test_bad_passk_settings_fail_before_compiling(base_dir, tmp_path, shared_dat
 
     with pytest.raises(ConfigError, match=r"passk.benchmarks has \['cvdp'\]"):
         load("configs/chunk_ttt_eval.yaml", eval_args(base_dir, tmp_path)[1:] + ["passk.benchmarks=[cvdp]"])
+    with pytest.raises(ConfigError, match=r"eval.heuristics=\['loss'\]; list one or more of"):
+        load("configs/chunk_ttt_eval.yaml", eval_args(base_dir, tmp_path)[1:] + ["eval.heuristics=[loss]"])
     with pytest.raises(ConfigError, match=r"passk.budgets has \[0.25\], not in budgets=\[0.5\]"):
         load("configs/chunk_ttt_eval.yaml", eval_args(base_dir, tmp_path)[1:] + ["passk.budgets=[0.25]"])
     with pytest.raises(ConfigError, match="passk.benchmarks has mbpp: .*Set passk.data_dir"):

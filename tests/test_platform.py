@@ -185,6 +185,22 @@ def test_fused_steps_equal_one_at_a_time_and_stop_at_every_cadence_point(tmp_pat
     assert Checkpointer(tmp_path / "fused" / "checkpoints").latest_step() == 10
 
 
+def test_a_weakly_typed_initial_state_compiles_the_step_once():
+    """`jnp.full(shape, 4.0)` is weakly typed and the step's outputs are not: without the
+    initial state made strong, the second step traces and compiles the whole step again."""
+    def weak_init():
+        return {"w": jnp.full((8,), 4.0), "step": jnp.zeros((), jnp.int32)}
+
+    assert jax.eval_shape(weak_init)["w"].weak_type
+    mesh = make_mesh(MeshConfig())
+    init = sharded_init(weak_init, mesh)
+    step = compile_step(toy_step, mesh, init.shardings, batch_shardings=None)
+    state = init()
+    for i in range(3):
+        state, _ = step(state, None, jax.random.key(i))
+    assert step._one._cache_size() == 1
+
+
 def test_only_dots_compile_to_ynn_kernels_unless_the_user_asks():
     """jaxrl keeps XLA:CPU's YNNPACK kernels for dots and turns off its elementwise / reduce
     fusions (they crash or hang on some CPUs, see jaxrl/__init__); a user's own

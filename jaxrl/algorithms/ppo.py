@@ -38,6 +38,7 @@ from flax import nnx, struct
 
 from jaxrl.core.config import ConfigError
 from jaxrl.core.mesh import batch_sharding, replicated
+from jaxrl.core.step import strong_types
 from jaxrl.envs import ActionSpec, action_spec
 from jaxrl.envs.rollout import play_episodes
 
@@ -120,7 +121,7 @@ class RunningStats(struct.PyTreeNode):
 
     @classmethod
     def zeros(cls, shape=()) -> RunningStats:
-        return cls(mean=jnp.zeros(shape), var=jnp.ones(shape), count=jnp.full((), 1e-4))
+        return cls(mean=jnp.zeros(shape), var=jnp.ones(shape), count=jnp.full((), 1e-4, jnp.float32))
 
     def update(self, batch: jax.Array) -> RunningStats:
         """Fold in `batch` ([N, *shape]) as N samples."""
@@ -306,7 +307,7 @@ class PPO:
         obs = _flat(obs, self.cfg.num_envs)
         zeros = jnp.zeros(self.cfg.num_envs, jnp.float32)
         normalize_rewards = self.cfg.normalize_rewards
-        return PPOState(
+        return strong_types(PPOState(  # env resets may be weakly typed (gymnax's Pendulum)
             params=params,
             opt_state=self.tx.init(params),
             env_state=env_state,
@@ -322,7 +323,7 @@ class PPO:
             return_stats=RunningStats.zeros() if normalize_rewards else None,
             discounted_return=zeros if normalize_rewards else None,
             penalty=jnp.zeros((), jnp.float32) if self.cfg.lagrangian else None,
-        )
+        ))
 
     def rollout(self, state: PPOState, key: jax.Array) -> tuple[PPOState, Transition]:
         """Step all envs rollout_steps times with the current policy (time-major output).

@@ -47,15 +47,28 @@ def sharded_init(init_fn: Callable, mesh: Mesh, *args, shardings: Any = None) ->
     `shardings`: a pytree of shardings, or a function `(abstract, mesh) -> shardings`; default:
     from logical axis names, everything else replicated.
     """
-    shapes = jax.eval_shape(init_fn, *args)
+    def strong_init(*a):
+        return strong_types(init_fn(*a))
+
+    shapes = jax.eval_shape(strong_init, *args)
     if shardings is None:
         shardings = state_shardings(shapes, mesh)
     elif callable(shardings):
         shardings = shardings(shapes, mesh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, shardings)
-    fn = jax.jit(init_fn, out_shardings=shardings)
+    fn = jax.jit(strong_init, out_shardings=shardings)
     return ShardedInit(fn=lambda: fn(*args), abstract=abstract, shardings=shardings)
+
+
+def strong_types(tree: Any) -> Any:
+    """`tree` with weak types dropped (`jnp.full(shape, 4.0)` is weakly typed). A step's outputs
+    are strongly typed, so a weak leaf in an initial state makes the step's second call trace
+    and compile it all over again."""
+    def strong(x):
+        return jax.lax.convert_element_type(x, x.dtype) if getattr(x, "weak_type", False) else x
+
+    return jax.tree.map(strong, tree)
 
 
 class CompiledStep:

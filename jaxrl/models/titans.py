@@ -624,7 +624,7 @@ class SelfModTitans(nnx.Module):
         self.conv = CausalConv(cfg.conv_width, d_model, rngs)
         self.out = linear(d_model, ("heads", "embed"))
         self.eta_bias = nnx.Param(jnp.zeros((H,)))
-        self.alpha_bias = nnx.Param(jnp.full((H,), 4.0))  # retention ~0.98 at init
+        self.alpha_bias = nnx.Param(jnp.full((H,), 4.0, jnp.float32))  # retention ~0.98 at init
         vectors = VECTORS if cfg.adaptive_q else VECTORS[:3]
         normal = nnx.initializers.normal
         group = lambda n, out: nnx.List([  # noqa: E731
