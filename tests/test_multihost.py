@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import REPO, TINY_SFT_OVERRIDES, run_launch
+from conftest import REPO, TEST_XLA_FLAGS, TINY_SFT_OVERRIDES, run_launch
 from jaxrl.core.checkpoint import Checkpointer
 from jaxrl.core.metrics import read_jsonl
 from jaxrl.core.preemption import EXIT_STUCK
@@ -38,7 +38,7 @@ def _free_port() -> int:
 def start_pair(args, run_dirs, *extra):
     """Two processes of one job; `run_dirs` is one dir (shared) or one per process."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS}  # its devices: distributed.local_device_count
     dirs = run_dirs if isinstance(run_dirs, (list, tuple)) else [run_dirs] * 2
     return [subprocess.Popen(
         [sys.executable, "-m", "jaxrl.launch", *args, f"run.dir={dirs[i]}",
@@ -90,7 +90,7 @@ def test_default_ppo_job_on_two_processes_matches_one(tmp_path):
 def test_ppo_cartpole_on_two_local_devices(tmp_path):
     out = run_launch("configs/ppo_cartpole.yaml", "distributed.local_device_count=2",
                      "loop.steps=2", f"run.dir={tmp_path}", "loop.progress=false",
-                     env={"XLA_FLAGS": ""})
+                     env={"XLA_FLAGS": TEST_XLA_FLAGS})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 devices in 1 process(es)" in out.stdout
 
@@ -218,7 +218,7 @@ def test_every_recipe_runs_on_several_processes_or_refuses():
     """The runners are exactly the recipes shown above to run on two processes; each other
     recipe refuses before any device work, with its reason."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS}  # its devices: distributed.local_device_count
     procs = [subprocess.Popen([sys.executable, "-c", PROBE, f"127.0.0.1:{port}", str(i)],
                               cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
