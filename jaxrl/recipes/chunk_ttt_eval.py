@@ -73,8 +73,6 @@ class EvalConfig:
             raise ConfigError(f"eval.policy_kappa must be >= 0 (0: no calibration), got {self.policy_kappa}.")
 
 
-
-
 def _passk_sampling() -> SamplingConfig:
     return SamplingConfig(max_new_tokens=128)  # the stdlib base has 256 positions
 
