@@ -184,7 +184,7 @@ def test_sharded_forward_matches_single_device(model):
     graphdef, params = nnx.split(model)
     sharded = shard_state(params, mesh)
     kernel = sharded["h"][0]["mlp"]["c_fc"]["kernel"][...]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")  # [out, in]
     tokens, mask = random_batch(seed=8, batch=4, padding="left")
     batch = shard_batch({"tokens": tokens, "mask": mask}, mesh)
     logits = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b["tokens"], b["mask"]))(sharded, batch)

@@ -59,10 +59,10 @@ def test_sharded_step_matches_single_device(shape, single_device):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     # The layout is the one the rules ask for, not replicated by accident.
     qkv = state.params["h"][0]["attn"]["c_attn"]["kernel"][...]
-    assert qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")  # [out, in]
     _, fsdp, tensor = shape
-    want = (CFG.n_embd // fsdp, 3 * CFG.n_embd // tensor)
-    assert qkv.shape == (CFG.n_embd, 3 * CFG.n_embd)
+    want = (3 * CFG.n_embd // tensor, CFG.n_embd // fsdp)
+    assert qkv.shape == (3 * CFG.n_embd, CFG.n_embd)
     assert [s.data.shape for s in qkv.addressable_shards] == [want] * 8
 
 
