@@ -141,7 +141,9 @@ class Dense(nnx.Module):
         self.in_features, self.out_features = d_in, d_out  # what `nnx.LoRA` reads
         self.dtype = _DTYPES[cfg.dtype]
         param_dtype = _DTYPES[cfg.param_dtype]
-        self.kernel = nnx.Param(_normal(stddev, names)(rngs.params(), (d_out, d_in), param_dtype))
+        # Drawn [in, out] and transposed: the same initial model as an `[in, out]` layout.
+        draw = lambda key, shape, dtype: nnx.initializers.normal(stddev)(key, shape[::-1], dtype).T  # noqa: E731
+        self.kernel = nnx.Param(_const(draw, names)(rngs.params(), (d_out, d_in), param_dtype))
         self.bias = nnx.Param(_const(nnx.initializers.zeros, names[:1])(rngs.params(), (d_out,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
