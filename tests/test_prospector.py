@@ -279,8 +279,9 @@ def native_digest(num_envs: int, num_steps: int, max_steps: int, seed: int) -> n
 @needs_native
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def test_native_core_parity_under_address_and_ub_sanitizers(tmp_path):
-    """Build the core with -fsanitize=address,undefined; it must match the regular build (which
-    the parity test holds equal to the JAX core) and reject a corrupt state without UB."""
+    """Build the core with -fsanitize=address,undefined and without the AVX2 clones of its hot
+    loops; it must match the regular build (which the parity test holds equal to the JAX core,
+    and which runs the AVX2 clones on a CPU that has AVX2) and reject a corrupt state without UB."""
     lib = lambda name: subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True,  # noqa: E731
                                       text=True).stdout.strip()
     preload = [lib("libasan.so"), lib("libstdc++.so")]  # libstdc++ first-class, for __cxa_throw
@@ -290,7 +291,8 @@ def test_native_core_parity_under_address_and_ub_sanitizers(tmp_path):
     src = Path(jax_env.__file__).with_name("prospector.cc")
     subprocess.run(
         ["g++", "-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-ffp-contract=off",
-         "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-shared", "-fPIC",
+         "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-DMULTIVERSIONED=",
+         "-shared", "-fPIC",
          "-isystem", jax.ffi.include_dir(), "-I", sysconfig.get_paths()["include"], str(src),
          "-o", str(so)], check=True)
     args = dict(num_envs=500, num_steps=120, max_steps=50, seed=7)

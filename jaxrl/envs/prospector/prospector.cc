@@ -55,6 +55,7 @@ constexpr int sT = 0, sSector = 1, sFuel = 2, sHull = 3, sCredits = 4, sCap = 5,
 constexpr int sCargo = 7, sLastDamage = 11, sLastInvalid = 12, sLastDelta = 13, sSeed = 14;
 constexpr int sEpisode = 15, kShipWords = 16;
 constexpr int kKnownBit = 1 << 4, kLeftShift = 8, kScannedBit = 1 << 2;
+static_assert(kKnownBit == 1 << 4, "observe reads the known bit as (packed >> 4) & 1");
 constexpr int kMarketWords = 2 * kPrices;
 
 constexpr int oAsteroids = 32, oSectors = 96, oStations = 216, oExtra = 240;
@@ -67,6 +68,19 @@ constexpr uint32_t rHazard = 0, rAsteroid = 16, rMean = rAsteroid + 3 * kAllAste
 // Largest t / |credits| a valid state can hold (checked so no arithmetic can overflow).
 constexpr int kMaxStepsLimit = 100000;
 constexpr int kCreditsLimit = 1 << 28;
+
+// The hot loops are built twice, for AVX2 and for baseline x86-64, and the loader picks one
+// (ifunc dispatch): AVX2 gives observe's branch-free asteroid sums 8 int32 lanes and a real
+// 32-bit multiply. Integer ops and exact power-of-two scalings: both builds are bit-identical.
+// `-DMULTIVERSIONED=` builds the baseline alone (the sanitizer test does, so it also holds the
+// baseline equal to the AVX2 build).
+#ifndef MULTIVERSIONED
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MULTIVERSIONED __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTIVERSIONED
+#endif
+#endif
 
 inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
@@ -156,7 +170,7 @@ bool action_valid(const Env& e, int a) {
 }
 
 // Returns the name of the first out-of-range field, or nullptr for a valid state.
-const char* invalid_field(const Env& e, const Rules& r) {
+MULTIVERSIONED const char* invalid_field(const Env& e, const Rules& r) {
   const int32_t* s = e.ship;
   if (s[sT] < 0 || s[sT] >= r.max_steps) return "ship[t]";
   if (s[sSector] < 0 || s[sSector] >= kSectors) return "ship[sector]";
@@ -169,17 +183,19 @@ const char* invalid_field(const Env& e, const Rules& r) {
     if (s[sCargo + j] < 0 || s[sCargo + j] > s[sCap]) return "ship[cargo]";
   if (cargo_used(e) > s[sCap]) return "ship[cargo]";
   if (s[sLastDelta] < -kCreditsLimit || s[sLastDelta] > kCreditsLimit) return "ship[last_delta]";
+  // Whole-array scans without early exits, so they vectorise: every step runs them.
+  int bad = 0;
   for (int i = 0; i < kAllAsteroids; ++i)
-    if (e.ast[i] < 0 || e.ast[i] >= (256 << kLeftShift) || (e.ast[i] & 0xE0)) return "asteroids";
-  for (int k = 0; k < kSectors; ++k)
-    if (e.sec[k] < 0 || e.sec[k] > 7) return "sectors";
-  for (int m = 0; m < kMarketWords; ++m)
-    if (e.mkt[m] < 0 || e.mkt[m] > (1 << 16)) return "market";
-  return nullptr;
+    bad |= (e.ast[i] < 0) | (e.ast[i] >= (256 << kLeftShift)) | ((e.ast[i] & 0xE0) != 0);
+  if (bad) return "asteroids";
+  for (int k = 0; k < kSectors; ++k) bad |= (e.sec[k] < 0) | (e.sec[k] > 7);
+  if (bad) return "sectors";
+  for (int m = 0; m < kMarketWords; ++m) bad |= (e.mkt[m] < 0) | (e.mkt[m] > (1 << 16));
+  return bad ? "market" : nullptr;
 }
 
 // One transition without auto-reset (mirrors jax_env.step_core).
-void step_env(Env& e, int32_t action, const Rules& r, float* reward, bool* terminated,
+MULTIVERSIONED void step_env(Env& e, int32_t action, const Rules& r, float* reward, bool* terminated,
               bool* truncated) {
   const bool valid = action_valid(e, action);
   const int act = valid ? action : kWait;
@@ -271,7 +287,7 @@ void next_episode(Env& e) {
   e.ship[sEpisode] = static_cast<int32_t>(episode);
 }
 
-void observe(const Env& e, int max_steps, float* o) {
+MULTIVERSIONED void observe(const Env& e, int max_steps, float* o) {
   const int32_t* s = e.ship;
   const int t = s[sT], sector = s[sSector], fuel = s[sFuel], hull = s[sHull];
   const int used = cargo_used(e);
@@ -297,30 +313,36 @@ void observe(const Env& e, int max_steps, float* o) {
     o[28 + j] = scaled(s[sCargo + j] * price, 10);
   }
 
-  // Sectors [96, 216) and the current sector's asteroids [32, 96).
+  // The current sector's asteroids [32, 96).
+  for (int a = 0; a < kAsteroids; ++a) {
+    const int packed = e.ast[sector * kAsteroids + a];
+    const int ore = packed & 3, richness = (packed >> 2) & 3, left = packed >> kLeftShift;
+    const bool known = (packed & kKnownBit) != 0;
+    float* f = o + oAsteroids + 8 * a;
+    for (int j = 0; j < kOres; ++j) f[j] = ore == j ? 1.0f : 0.0f;
+    f[4] = known ? 1.0f : 0.0f;
+    f[5] = scaled(known ? richness : 0, 2);
+    f[6] = scaled(left, 5);
+    f[7] = scaled(known ? richness * kBasePrice[ore] : 0, 7);
+  }
+
+  // Sectors [96, 216). The asteroid sums are branch-free (this loop was most of a step's time
+  // while it branched on each asteroid): a valid state has left >= 0, so a mined-out asteroid
+  // adds 0 to left_sum and value_sum unconditionally and `alive` masks the rest.
   for (int k = 0; k < kSectors; ++k) {
     const int hazard = e.sec[k] & 3, dist = ring_distance(sector, k);
     int live = 0, left_sum = 0, unknown = 0, best = 0, value_sum = 0;
+    const int32_t* row = e.ast + k * kAsteroids;
     for (int a = 0; a < kAsteroids; ++a) {
-      const int packed = e.ast[k * kAsteroids + a];
-      const int ore = packed & 3, richness = (packed >> 2) & 3, left = packed >> kLeftShift;
-      const bool known = (packed & kKnownBit) != 0;
-      const int unit_value = known ? richness * kBasePrice[ore] : 0;
-      if (left > 0) {
-        ++live;
-        left_sum += left;
-        unknown += known ? 0 : 1;
-        best = std::max(best, unit_value);
-        value_sum += unit_value * left;
-      }
-      if (k == sector) {
-        float* f = o + oAsteroids + 8 * a;
-        for (int j = 0; j < kOres; ++j) f[j] = ore == j ? 1.0f : 0.0f;
-        f[4] = known ? 1.0f : 0.0f;
-        f[5] = scaled(known ? richness : 0, 2);
-        f[6] = scaled(left, 5);
-        f[7] = scaled(unit_value, 7);
-      }
+      const int packed = row[a];
+      const int richness = (packed >> 2) & 3, left = packed >> kLeftShift;
+      const int known = (packed >> 4) & 1, alive = left > 0;
+      const int unit_value = known * richness * kBasePrice[packed & 3];
+      live += alive;
+      left_sum += left;
+      unknown += alive & (known ^ 1);
+      best = std::max(best, alive * unit_value);
+      value_sum += unit_value * left;
     }
     float* f = o + oSectors + 10 * k;
     f[0] = scaled(hazard, 2);
