@@ -55,7 +55,6 @@ constexpr int sT = 0, sSector = 1, sFuel = 2, sHull = 3, sCredits = 4, sCap = 5,
 constexpr int sCargo = 7, sLastDamage = 11, sLastInvalid = 12, sLastDelta = 13, sSeed = 14;
 constexpr int sEpisode = 15, kShipWords = 16;
 constexpr int kKnownBit = 1 << 4, kLeftShift = 8, kScannedBit = 1 << 2;
-static_assert(kKnownBit == 1 << 4, "observe reads the known bit as (packed >> 4) & 1");
 constexpr int kMarketWords = 2 * kPrices;
 
 constexpr int oAsteroids = 32, oSectors = 96, oStations = 216, oExtra = 240;
@@ -95,7 +94,7 @@ inline int32_t below(uint32_t r, uint32_t n) { return static_cast<int32_t>(r % n
 // r % n for a divisor known only at run time, through a double division: it vectorises where
 // an integer division does not, and it is exact (r < 2^32 and n < 2^21, so the true quotient is
 // at least 1/n below the next integer while the division's rounding error is under 2^-21).
-inline int32_t below_exact(uint32_t r, uint32_t n) {
+inline int32_t below_runtime(uint32_t r, uint32_t n) {
   const uint32_t q = static_cast<uint32_t>(static_cast<double>(r) / static_cast<double>(n));
   return static_cast<int32_t>(r - q * n);
 }
@@ -202,8 +201,8 @@ MULTIVERSIONED const char* invalid_field(const Env& e, const Rules& r) {
 }
 
 // One transition without auto-reset (mirrors jax_env.step_core).
-MULTIVERSIONED void step_env(Env& e, int32_t action, const Rules& r, float* reward, bool* terminated,
-              bool* truncated) {
+MULTIVERSIONED void step_env(Env& e, int32_t action, const Rules& r, float* reward,
+                             bool* terminated, bool* truncated) {
   const bool valid = action_valid(e, action);
   const int act = valid ? action : kWait;
   const int t = e.ship[sT] + 1;
@@ -267,7 +266,7 @@ MULTIVERSIONED void step_env(Env& e, int32_t action, const Rules& r, float* rewa
 
   for (int m = 0; m < kPrices; ++m) {
     const int v = 1 + (means[m] >> 3);
-    const int noise = below_exact(draw(base, dPrice + m), 2 * v + 1) - v;
+    const int noise = below_runtime(draw(base, dPrice + m), 2 * v + 1) - v;
     const int p = prices[m] + ((means[m] - prices[m]) >> 3) + noise;
     prices[m] = std::min(std::max(p, means[m] >> 1), 2 * means[m]);
   }
@@ -343,7 +342,7 @@ MULTIVERSIONED void observe(const Env& e, int max_steps, float* o) {
     for (int a = 0; a < kAsteroids; ++a) {
       const int packed = row[a];
       const int richness = (packed >> 2) & 3, left = packed >> kLeftShift;
-      const int known = (packed >> 4) & 1, alive = left > 0;
+      const int known = (packed & kKnownBit) != 0, alive = left > 0;
       const int unit_value = known * richness * kBasePrice[packed & 3];
       live += alive;
       left_sum += left;
