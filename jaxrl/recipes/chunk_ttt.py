@@ -8,8 +8,8 @@ extra compute per chunk to each budget in `budgets`; each budget trains its own 
 `policy.msgpack` for `chunk_ttt_eval`. `loop.steps` counts PPO updates per budget.
 
 Documents: `.py` files under `data.root` (default: this Python's standard library), split by
-top-level package (`data.eval_packages` are held out), tokenised with the base model's
-tokenizer. Nothing is downloaded.
+top-level package (`data.eval_packages` are held out, the policies train on
+`data.train_packages`), tokenised with the base model's tokenizer. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -55,6 +55,12 @@ class ChunkDataConfig:
     exclude: list[str] = dataclasses.field(default_factory=lambda: [
         "site-packages/*", "test/*", "*/tests/*", "*/idle_test/*", "config-*", "_sysconfigdata*"])
     eval_packages: list[str] = dataclasses.field(default_factory=lambda: ["[t-z]*"])  # fnmatch on the top-level name
+    # The train split (policies, gate calibration): top-level names matching these and not
+    # held out. Keep them out of the base model's SFT too: on files the base has read, its
+    # fast weights gain less and U4 overshoots (stdlib base: U4's gain from phi_0 -0.008 nats
+    # on a..f, which it read, +0.067 on u..z, which it did not), so a policy trained there
+    # learns the wrong price of an update for the unseen test files.
+    train_packages: list[str] = dataclasses.field(default_factory=lambda: ["*"])
     tokenizer: str = "runs/tokenizer_stdlib"  # "gpt2" or a trained tokenizer directory
     chunk: int = 64  # C tokens per chunk
     max_chunks: int = 16  # T_max: longer documents are cut (bootstrapped, not terminal)
@@ -145,11 +151,13 @@ def document_files(data: ChunkDataConfig, split: Literal["train", "eval"]) -> li
             continue
         top = rel.split("/")[0].removesuffix(".py")
         held_out = any(fnmatch.fnmatch(top, p) for p in data.eval_packages)
-        if held_out == (split == "eval"):
+        trains = any(fnmatch.fnmatch(top, p) for p in data.train_packages)
+        if (held_out if split == "eval" else trains and not held_out):
             files.append(f)
     if not files:
         raise ConfigError(f"no {split} documents under {root} matching {data.pattern!r} "
-                          f"(exclude {data.exclude}, eval_packages {data.eval_packages}).")
+                          f"(exclude {data.exclude}, eval_packages {data.eval_packages}, "
+                          f"train_packages {data.train_packages}).")
     return files
 
 
