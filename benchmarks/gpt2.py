@@ -14,6 +14,7 @@ Both sides use the same weights layout, shapes and thread count; medians of a fe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -29,6 +30,7 @@ import transformers
 from flax import nnx
 
 from jaxrl.algorithms.optimizer import OptimizerConfig, make_optimizer
+from jaxrl.models import onednn
 from jaxrl.models.generate import generate
 from jaxrl.models.gpt2 import GPT2, GPT2Config
 from machine import check_floors, machine_info  # benchmarks/ is on sys.path when run as a script
@@ -77,12 +79,19 @@ def matmul_peaks(n: int, repeats: int) -> dict[str, float]:
 
         return make
 
-    return {
+    def onednn_matmul(size):
+        a, matmul = jnp.ones((size, size), jnp.bfloat16), jax.jit(lambda x: onednn.matmul_bf16(x, x))
+        return lambda: matmul(a).block_until_ready()
+
+    peaks = {
         "jax_f32": matmul_gflops(jax_matmul(jnp.float32), n, repeats),
         "jax_bf16": matmul_gflops(jax_matmul(jnp.bfloat16), n, repeats),
         "torch_f32": matmul_gflops(torch_matmul(torch.float32), n, repeats),
         "torch_bf16": matmul_gflops(torch_matmul(torch.bfloat16), n, repeats),
     }
+    if onednn.unavailable() is None:
+        peaks["jaxrl_onednn_bf16"] = matmul_gflops(onednn_matmul, n, repeats)
+    return peaks
 
 
 def train_flops_per_token(cfg: GPT2Config, seq: int) -> float:
@@ -212,17 +221,25 @@ def main():
 
     tokens = rng.integers(0, cfg.pad_id, (shapes["batch"], shapes["seq"])).astype(np.int32)
     flops_per_token = train_flops_per_token(cfg, shapes["seq"])
+    train = {}
     runs = {
         "jaxrl_f32": lambda: jax_train_step_seconds(cfg, tokens, repeats),
-        "jaxrl_bf16": lambda: jax_train_step_seconds(cfg.__class__(**{**cfg.__dict__, "dtype": "bfloat16"}), tokens, repeats),
+        "jaxrl_bf16": lambda: jax_train_step_seconds(dataclasses.replace(cfg, dtype="bfloat16"), tokens, repeats),
         "torch_eager_f32": lambda: torch_train_step_seconds(cfg, tokens, repeats, "eager"),
     }
+    if onednn.unavailable() is None:  # GPT2Config(matmul="onednn"): oneDNN's bf16 products
+        runs["jaxrl_bf16_onednn"] = lambda: jax_train_step_seconds(
+            dataclasses.replace(cfg, dtype="bfloat16", matmul="onednn"), tokens, repeats)
+        results["machine"]["onednn"] = {
+            "version": onednn.require().version(),
+            "kernel": onednn.implementation(shapes["batch"] * shapes["seq"], 4 * cfg.n_embd, cfg.n_embd)}
+    else:
+        train["jaxrl_bf16_onednn"] = {"error": onednn.unavailable()}
     peaks = results["matmul_gflops"]
     if peaks["torch_bf16"] >= 0.5 * peaks["torch_f32"]:
         runs["torch_bf16_autocast"] = lambda: torch_train_step_seconds(cfg, tokens, repeats, "bf16_autocast")
     if not args.no_compile:
         runs["torch_compile_f32"] = lambda: torch_train_step_seconds(cfg, tokens, repeats, "compile")
-    train = {}
     if "torch_bf16_autocast" not in runs:
         train["torch_bf16_autocast"] = {
             "error": f"skipped: torch bf16 matmul {peaks['torch_bf16']:.1f} GFLOP/s vs f32 "
@@ -252,10 +269,16 @@ def main():
             print(f"decode {name} batch {batch}: {batch * shapes['new'] / seconds:.1f} tok/s", flush=True)
     results["decode"] = decode
 
-    best_torch_train = max(v.get("tokens_per_s", 0) for k, v in train.items() if k.startswith("torch"))
-    best_jax_train = max(v.get("tokens_per_s", 0) for k, v in train.items() if k.startswith("jaxrl"))
+    def best(side, bf16):  # tok/s of one side's fastest row in f32 or in bf16 (0: none ran)
+        return max((v.get("tokens_per_s", 0) for k, v in train.items()
+                    if k.startswith(side) and ("bf16" in k) == bf16), default=0)
+
     results["ratios"] = {
-        "train_jaxrl_best_over_torch_best": best_jax_train / best_torch_train,
+        "train_jaxrl_best_over_torch_best": max(best("jaxrl", False), best("jaxrl", True))
+        / max(best("torch", False), best("torch", True)),
+        "train_f32_jaxrl_over_torch_f32": best("jaxrl", False) / best("torch", False),
+        **({"train_bf16_jaxrl_over_torch_bf16": best("jaxrl", True) / best("torch", True)}
+           if best("torch", True) else {}),
         **{
             f"decode_b{b}_jaxrl_over_hf": decode[f"jaxrl_b{b}"]["tokens_per_s"] / decode[f"hf_generate_b{b}"]["tokens_per_s"]
             for b in shapes["decode_batches"]

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl.core.config import ConfigError
+from jaxrl.models import onednn
 
 GPT2_VOCAB_SIZE = 50257  # HF / OpenAI vocabulary; <|endoftext|> = 50256
 PAD_ID = 50257  # our extra row; never produced by the tokenizer's BPE
@@ -59,6 +60,10 @@ class GPT2Config:
     # `tensor` (50258 -> 50304). Rows past vocab_size are never predicted; HF import and
     # export read and write only the real rows.
     pad_vocab_to: int = 128
+    # Who runs the projections' and the tied head's products: "xla" (jnp dots), or "onednn"
+    # (dtype bfloat16 only): oneDNN's bf16 x bf16 -> f32 matmul (`jaxrl.models.onednn`), ~2x
+    # XLA's on a CPU with AVX-512 BF16 / AMX. Single CPU device; the head's inputs round to bf16.
+    matmul: str = "xla"
 
     @classmethod
     def preset(cls, name: str, **overrides) -> GPT2Config:
@@ -81,6 +86,14 @@ class GPT2Config:
             raise ConfigError(f"pad_id={self.pad_id} must index the embedding (vocab_size={self.vocab_size}).")
         if self.pad_vocab_to < 1:
             raise ConfigError(f"pad_vocab_to must be >= 1, got {self.pad_vocab_to}.")
+        if self.matmul not in ("xla", "onednn"):
+            raise ConfigError(f"matmul={self.matmul!r}; choose 'xla' or 'onednn'.")
+        if self.matmul == "onednn":
+            if self.dtype != "bfloat16":
+                raise ConfigError(f"matmul='onednn' runs bf16 products: set dtype: bfloat16 "
+                                  f"(got {self.dtype!r}), or matmul: xla.")
+            if (reason := onednn.unavailable()) is not None:
+                raise ConfigError(reason)
 
     @property
     def embedding_rows(self) -> int:
@@ -140,6 +153,7 @@ class Dense(nnx.Module):
         """`names`: the kernel's logical axes, (out, in)."""
         self.in_features, self.out_features = d_in, d_out  # what `nnx.LoRA` reads
         self.dtype = _DTYPES[cfg.dtype]
+        self.onednn = cfg.matmul == "onednn"
         param_dtype = _DTYPES[cfg.param_dtype]
         # Drawn [in, out] and transposed: the same initial model as an `[in, out]` layout.
         def draw(key, shape, dtype):
@@ -150,6 +164,9 @@ class Dense(nnx.Module):
         self.bias = nnx.Param(zeros(rngs.params(), (d_out,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.onednn:  # f32 out of the product; the bias added before rounding to bf16
+            y = onednn.matmul_bf16(x, self.kernel[...]) + self.bias[...].astype(jnp.float32)
+            return y.astype(self.dtype)
         kernel, bias = self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype)
         return jnp.einsum("...i,oi->...o", x.astype(self.dtype), kernel) + bias
 
@@ -342,8 +359,11 @@ class GPT2(nnx.Module):
         x = self.ln_f(x)
         # The tied head runs in f32 whatever the compute dtype: bf16 logits would round every
         # log-prob an RL loss or ratio reads by up to ~0.03 nats at logits of ~10.
-        embedding = self.wte.embedding[...].astype(jnp.float32)  # [V, C]
-        logits = jnp.einsum("...c,vc->...v", x.astype(jnp.float32), embedding)
+        if cfg.matmul == "onednn":  # inputs rounded to bf16, the sum and the logits f32
+            logits = onednn.matmul_bf16(x, self.wte.embedding[...])
+        else:
+            embedding = self.wte.embedding[...].astype(jnp.float32)  # [V, C]
+            logits = jnp.einsum("...c,vc->...v", x.astype(jnp.float32), embedding)
         # Pad is an input-only token and rows past vocab_size only fill the tensor shards: the
         # model never predicts either (finite, so masked losses stay 0).
         ids = jnp.arange(cfg.embedding_rows)
