@@ -13,6 +13,7 @@ installed as `jaxrl/configs/`, so `python -m jaxrl.launch NAME` works from any d
 after a plain `pip install .`.
 """
 
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -48,7 +49,12 @@ def onednn_extension() -> list[Extension]:
         sources=["jaxrl/models/onednn_matmul.cc"],
         include_dirs=[jax.ffi.include_dir(), str(include)],
         library_dirs=[str(Path(library.locate()).resolve().parent)],
-        libraries=["dnnl"],  # found at run time through the onednn wheel (models/onednn.py)
+        libraries=["dnnl"],
+        # Where the onednn-cpu-gomp wheel puts libdnnl.so.3 at run time: the environment's lib/
+        # (an editable install, built by this prefix's Python) or four levels above a
+        # site-packages jaxrl/models/; models/onednn.py also preloads it from the wheel's record.
+        runtime_library_dirs=[str(Path(sys.prefix) / "lib")],
+        extra_link_args=["-Wl,-rpath,$ORIGIN/../../../.."],
         language="c++",
         extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden"],
         optional=True,
