@@ -9,6 +9,7 @@ from flax import nnx
 
 from jaxrl.core.config import ConfigError, MeshConfig
 from jaxrl.core.mesh import make_mesh, shard_batch, shard_state
+from jaxrl.models import onednn
 from jaxrl.models.gpt2 import GPT2, GPT2Config, KVCache, from_pretrained, save_pretrained
 
 torch = pytest.importorskip("torch")
@@ -191,8 +192,13 @@ def test_sharded_forward_matches_single_device(model):
     np.testing.assert_allclose(logits, model(jnp.asarray(tokens), jnp.asarray(mask)), atol=1e-5)
 
 
-def test_training_reduces_loss_on_a_batch():
-    cfg = GPT2Config.preset("tiny", vocab_size=64, pad_id=63, n_layer=2, n_embd=32, n_positions=32)
+@pytest.mark.parametrize("numerics", [
+    {}, pytest.param({"dtype": "bfloat16", "matmul": "onednn"}, id="onednn",
+                     marks=pytest.mark.skipif(onednn.unavailable() is not None,
+                                              reason=str(onednn.unavailable())))])
+def test_training_reduces_loss_on_a_batch(numerics):
+    cfg = GPT2Config.preset("tiny", vocab_size=64, pad_id=63, n_layer=2, n_embd=32, n_positions=32,
+                            **numerics)
     graphdef, params = nnx.split(GPT2(cfg, rngs=nnx.Rngs(0)))
     tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, 63)
     tx = optax.adam(3e-3)

@@ -8,7 +8,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -62,7 +61,8 @@ def tiny(**overrides):
 
 
 @needs_onednn
-def test_gpt2_on_onednn_matches_xla_bf16_decodes_shards_and_trains():
+def test_gpt2_on_onednn_matches_xla_bf16_decodes_and_shards():
+    """(Training on it: test_gpt2.py::test_training_reduces_loss_on_a_batch[onednn].)"""
     tokens = jax.random.randint(jax.random.key(0), (8, 16), 0, 63)
     ours, xla = GPT2(tiny(matmul="onednn"), rngs=nnx.Rngs(0)), GPT2(tiny(), rngs=nnx.Rngs(0))
     logits = ours(tokens)
@@ -81,24 +81,6 @@ def test_gpt2_on_onednn_matches_xla_bf16_decodes_shards_and_trains():
     batch = shard_batch({"tokens": np.asarray(tokens)}, mesh)
     sharded = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b["tokens"]))(shard_state(params, mesh), batch)
     np.testing.assert_allclose(sharded, logits, atol=0.02)
-
-    tx = optax.adam(3e-3)
-
-    @jax.jit
-    def step(params, opt_state):
-        def loss_fn(p):
-            out = nnx.merge(graphdef, p)(tokens)
-            return optax.softmax_cross_entropy_with_integer_labels(out[:, :-1], tokens[:, 1:]).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state, losses = tx.init(params), []
-    for _ in range(30):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
-    assert losses[0] > np.log(63) - 0.5 and losses[-1] < 0.5 * losses[0]
 
 
 def test_config_names_what_matmul_onednn_needs():
