@@ -34,7 +34,7 @@ def test_the_extension_is_built_where_its_wheel_exists():
 
 
 @needs_onednn
-def test_matmul_and_its_gradients_equal_the_bf16_rounded_product():
+def test_matmul_and_its_gradients_equal_the_bf16_rounded_product(monkeypatch):
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
     x, w = jax.random.normal(kx, (3, 5, 64)), jax.random.normal(kw, (48, 64))
     g = jax.random.normal(kg, (3, 5, 48))
@@ -49,6 +49,10 @@ def test_matmul_and_its_gradients_equal_the_bf16_rounded_product():
     for a, b in zip(ours, theirs):
         np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3)
     assert onednn.matmul_bf16(x[:0], w).shape == (0, 5, 48)
+    with monkeypatch.context() as patch:  # on a TPU / GPU host, before XLA fails to compile it
+        patch.setattr(jax, "default_backend", lambda: "tpu")
+        with pytest.raises(ValueError, match="CPU backend only.*tpu: set matmul: xla"):
+            onednn.matmul_bf16(x, w)
     with pytest.raises(ValueError, match=r"w must be \[N, 64\]"):
         onednn.matmul_bf16(x, w.T)
     assert "bf16" in onednn.implementation(1024, 3072, 768) or "amx" in onednn.implementation(

@@ -110,6 +110,9 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 def matmul_bf16(x: jax.Array, w: jax.Array) -> jax.Array:
     """f32 `x @ w.T` for x [..., K] and w [N, K] (torch's layout), both rounded to bf16."""
     require()
+    if (backend := jax.default_backend()) != "cpu":  # the FFI target exists for the CPU only
+        raise ValueError(f"matmul: onednn runs on the CPU backend only, and this process's "
+                         f"default backend is {backend}: set matmul: xla")
     *lead, k = x.shape
     if w.ndim != 2 or w.shape[1] != k:
         raise ValueError(f"matmul_bf16: w must be [N, {k}] for x [..., {k}], got {w.shape}")
