@@ -61,8 +61,9 @@ class GPT2Config:
     # export read and write only the real rows.
     pad_vocab_to: int = 128
     # Who runs the projections' and the tied head's products: "xla" (jnp dots), or "onednn"
-    # (dtype bfloat16 only): oneDNN's bf16 x bf16 -> f32 matmul (`jaxrl.models.onednn`), ~2x
-    # XLA's on a CPU with AVX-512 BF16 / AMX. Single CPU device; the head's inputs round to bf16.
+    # (dtype bfloat16 only): oneDNN's bf16 x bf16 -> f32 matmul (`jaxrl.models.onednn`), where
+    # XLA:CPU's bf16 dot is slow (an AVX-512 BF16 EPYC: the 124M train step 1.8x XLA's f32).
+    # One CPU device; the head's inputs round to bf16.
     matmul: str = "xla"
 
     @classmethod
@@ -357,9 +358,10 @@ class GPT2(nnx.Module):
         """`ln_f` then the tied embedding: [..., C] -> [..., embedding_rows] f32 logits."""
         cfg = self.cfg
         x = self.ln_f(x)
-        # The tied head runs in f32 whatever the compute dtype: bf16 logits would round every
-        # log-prob an RL loss or ratio reads by up to ~0.03 nats at logits of ~10.
-        if cfg.matmul == "onednn":  # inputs rounded to bf16, the sum and the logits f32
+        # The tied head's logits are f32 whatever the compute dtype: bf16 logits would round
+        # every log-prob an RL loss or ratio reads by up to ~0.03 nats at logits of ~10. With
+        # xla the whole product is f32; with onednn its inputs round to bf16 (as autocast's).
+        if cfg.matmul == "onednn":
             logits = onednn.matmul_bf16(x, self.wte.embedding[...])
         else:
             embedding = self.wte.embedding[...].astype(jnp.float32)  # [V, C]
