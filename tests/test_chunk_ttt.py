@@ -394,6 +394,27 @@ def test_initial_policy_spends_the_budget():
     assert np.exp(budget_logits(costs, 9.0)) @ costs == pytest.approx(0.9 * costs.max(), rel=1e-5)
 
 
+def test_low_budgets_offer_skip_and_u1_only_and_the_file_keeps_the_set(base_dir, tmp_path):
+    """Below `u1_only_below` the policy starts at the SKIP/U1 mix that spends B and never
+    samples U2 / U4; its file carries the set, so an eval configured otherwise still uses it."""
+    from jaxrl.recipes import chunk_ttt as recipe
+    from jaxrl.recipes import chunk_ttt_eval
+
+    cfg = recipe_config(base_dir, tmp_path, chunk_ttt_eval, **{"data.max_chunks": 4, "rho": 1.0})
+    assert recipe.allowed_actions(cfg, 0.125) == (True, True, False, False)
+    assert all(recipe.allowed_actions(cfg, 0.5))
+    write_start_policy(cfg, tmp_path / "B0.125", 0.125)
+    other = dataclasses.replace(cfg, u1_only_below=0.0)  # an eval that would allow everything
+    ppo, params, obs_stats, _ = recipe.load_policy(other, None, 1.0, 0.125, 4,
+                                                   tmp_path / "B0.125" / "policy.msgpack")
+    obs = jnp.zeros((4096, len(ct.FEATURES)))
+    actions = np.asarray(ppo.act(params, jax.random.key(0), obs, obs_stats=obs_stats, greedy=False))
+    assert set(actions.tolist()) == {0, 1}  # SKIP and U1, never U2 / U4
+    assert np.mean(actions == 1) * 1.0 == pytest.approx(0.125, abs=0.02)  # U1 costs rho = 1
+    with pytest.raises(ConfigError, match="u1_only_below must be >= 0"):
+        dataclasses.replace(cfg, u1_only_below=-1.0).validate()
+
+
 def test_tiny_run_holds_the_policy_cost_at_its_budget(base_dir, tmp_path):
     """PPO-Lagrangian + PID at B = 0.5 rho through the launcher, from the warm start (mean
     cost B). The reward pulls toward U4 (cost rises over B in the first updates), the PID's
@@ -453,7 +474,8 @@ def write_start_policy(cfg, path: Path, budget: float):
     params = nnx.split(recipe.make_ppo(cfg, env, None).make_model(jax.random.key(0)))[1]
     path.mkdir(parents=True)
     recipe.save_policy(path / "policy.msgpack", params, RunningStats.zeros((len(ct.FEATURES),)),
-                       pid_lagrangian.init(dataclasses.replace(cfg.pid, budget=budget)))
+                       pid_lagrangian.init(dataclasses.replace(cfg.pid, budget=budget)),
+                       recipe.allowed_actions(cfg, budget))
 
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")

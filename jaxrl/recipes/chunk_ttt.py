@@ -39,7 +39,7 @@ from jaxrl.data.tokenizer import Tokenizer
 from jaxrl.envs.text import chunk_ttt as ct
 from jaxrl.models import fast_weights, gpt2
 from jaxrl.models.fast_weights import FastConfig
-from jaxrl.models.policy import MLP, ActorCritic
+from jaxrl.models.policy import MASKED_LOGIT, MLP, ActorCritic
 from jaxrl.recipes.ppo import PolicyConfig
 
 SINGLE_PROCESS = ("the document pool is built on this host and placed as one replicated array, "
@@ -93,10 +93,18 @@ class Config(RecipeConfig):
     policy: PolicyConfig = dataclasses.field(default_factory=PolicyConfig)
     ppo: PPOConfig = dataclasses.field(default_factory=_default_ppo)
     pid: PIDConfig = dataclasses.field(default_factory=PIDConfig)  # pid.budget is set per budget
+    # A budget below this offers the policy SKIP and U1 only. U1 gains the most CE per unit of
+    # cost from the start weights, and at B = 0.125 the mixes with U2 / U4 the policy learned
+    # lost to U1 on a fraction of chunks; without them it beats that curve (docs/chunk_ttt.md).
+    # 0: all four actions at every budget. Saved with each policy, so evaluation uses its own.
+    u1_only_below: float = 0.25
 
     def validate(self):
         if not self.budgets:
             raise ConfigError("budgets is empty; list at least one, e.g. [1.0].")
+        if self.u1_only_below < 0:
+            raise ConfigError(f"u1_only_below must be >= 0 (0: every action at every budget), "
+                              f"got {self.u1_only_below}.")
         for b in self.budgets:
             check_budget(b)
         if self.rho < 0:
@@ -273,13 +281,26 @@ class ConstrainedActorCritic(ActorCritic):
     down from the uniform policy's 1.75 rho (at B = 0.5 that chase took the whole run)."""
 
     def __init__(self, obs_dim: int, num_actions: int, *, hidden, activation: str,
-                 init_logits: np.ndarray, rngs: nnx.Rngs):
+                 init_logits: np.ndarray, allowed: tuple[bool, ...], rngs: nnx.Rngs):
+        """`allowed[a]`: the policy may take action a (the others' logits are masked)."""
         super().__init__(obs_dim, num_actions, hidden=hidden, activation=activation, rngs=rngs)
         self.actor.head.bias.value = jnp.asarray(init_logits)
         self.critic = MLP(obs_dim, hidden, 2, activation=activation, head_scale=1.0, rngs=rngs)
+        self.allowed = tuple(bool(a) for a in allowed)  # static: part of the graph, not params
+
+    def __call__(self, obs: jax.Array, action_mask: jax.Array | None = None):
+        if not all(self.allowed):
+            allowed = np.asarray(self.allowed)
+            action_mask = allowed if action_mask is None else action_mask & allowed
+        return super().__call__(obs, action_mask)
 
     def value(self, obs: jax.Array) -> jax.Array:
         return self.critic(obs)
+
+
+def allowed_actions(cfg: Config, budget: float) -> tuple[bool, ...]:
+    """The policy's action set at `budget`: SKIP and U1 below `u1_only_below`, else all."""
+    return tuple(budget >= cfg.u1_only_below or a in ("SKIP", "U1") for a in ct.ACTIONS)
 
 
 class TTTTrainState(struct.PyTreeNode):
@@ -287,14 +308,21 @@ class TTTTrainState(struct.PyTreeNode):
     pid: PIDState
 
 
-def make_ppo(cfg: Config, env: ct.ChunkTTTEnv, docs: ct.Docs | None) -> PPO:
-    init_logits = budget_logits(env.ttt.costs, env.ttt.budget)
+def make_ppo(cfg: Config, env: ct.ChunkTTTEnv, docs: ct.Docs | None,
+             allowed: tuple[bool, ...] | None = None) -> PPO:
+    """`allowed`: the action set (default `allowed_actions` at the env's budget); the start
+    logits are the maximum-entropy distribution over it that spends the budget."""
+    allowed = allowed_actions(cfg, env.ttt.budget) if allowed is None else tuple(allowed)
+    keep = np.asarray(allowed)
+    init_logits = np.full(len(keep), MASKED_LOGIT, np.float32)
+    init_logits[keep] = budget_logits(np.asarray(env.ttt.costs)[keep], env.ttt.budget)
 
     def make_model(key):
         return ConstrainedActorCritic(len(ct.FEATURES), len(ct.STEPS),
                                       hidden=tuple(cfg.policy.hidden),
                                       activation=cfg.policy.activation,
-                                      init_logits=init_logits, rngs=nnx.Rngs(key))
+                                      init_logits=init_logits, allowed=allowed,
+                                      rngs=nnx.Rngs(key))
 
     return PPO(env, ct.EnvParams(docs), make_model, cfg.ppo, num_updates=cfg.loop.steps)
 
@@ -330,23 +358,30 @@ def train_budget(cfg: Config, fast_lm, rho: float, docs: ct.Docs, budget: float,
     result = train(bcfg, state=state0, step_fn=update, key=train_key,
                    batches=itertools.repeat(placed))
     state = jax.device_get(result.state)
-    save_policy(run_dir / "policy.msgpack", state.ppo.params, state.ppo.obs_stats, state.pid)
+    save_policy(run_dir / "policy.msgpack", state.ppo.params, state.ppo.obs_stats, state.pid,
+                allowed_actions(bcfg, budget))
     return result, run_dir
 
 
-def save_policy(path: Path, params, obs_stats: RunningStats, pid: PIDState):
-    """The file `load_policy` reads: the actor-critic's params, the observation normaliser, the PID."""
+def save_policy(path: Path, params, obs_stats: RunningStats, pid: PIDState,
+                allowed: tuple[bool, ...]):
+    """The file `load_policy` reads: the actor-critic's params, the observation normaliser, the
+    PID and the action set it was trained with."""
     policy = {"params": params.to_pure_dict(), "obs_stats": serialization.to_state_dict(obs_stats),
-              "pid": serialization.to_state_dict(pid)}
+              "pid": serialization.to_state_dict(pid),
+              "actions": [a for a, ok in zip(ct.ACTIONS, allowed) if ok]}
     path.write_bytes(serialization.msgpack_serialize(policy))
 
 
 def load_policy(cfg: Config, fast_lm, rho: float, budget: float, num_chunks: int, path: Path):
     """-> (ppo, params, obs_stats, pid state) from the `policy.msgpack` `train_budget` wrote."""
-    env = ct.ChunkTTTEnv(ct.ChunkTTT(fast_lm, rho, budget, cfg.reward_mode), num_chunks)
-    ppo = make_ppo(cfg, env, None)
-    params = nnx.split(ppo.make_model(jax.random.key(0)))[1]
     saved = serialization.msgpack_restore(path.read_bytes())
+    names = saved.get("actions", ct.ACTIONS)  # files from before the action set: all four
+    if isinstance(names, dict):  # msgpack_restore turns a list into {"0": ..., "1": ...}
+        names = list(names.values())
+    env = ct.ChunkTTTEnv(ct.ChunkTTT(fast_lm, rho, budget, cfg.reward_mode), num_chunks)
+    ppo = make_ppo(cfg, env, None, allowed=tuple(a in names for a in ct.ACTIONS))
+    params = nnx.split(ppo.make_model(jax.random.key(0)))[1]
     params.replace_by_pure_dict(saved["params"])
     obs_stats = serialization.from_state_dict(RunningStats.zeros((len(ct.FEATURES),)), saved["obs_stats"])
     pid = serialization.from_state_dict(
