@@ -30,7 +30,6 @@ prospector_core = Extension(
 )
 
 
-
 def onednn_extension() -> list[Extension]:
     """The oneDNN matmul extension, against the oneDNN wheel's headers and library (pip puts
     their data files under the build environment's prefix); none where the wheel is absent."""

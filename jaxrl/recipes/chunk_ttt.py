@@ -377,8 +377,6 @@ def load_policy(cfg: Config, fast_lm, rho: float, budget: float, num_chunks: int
     """-> (ppo, params, obs_stats, pid state) from the `policy.msgpack` `train_budget` wrote."""
     saved = serialization.msgpack_restore(path.read_bytes())
     names = saved.get("actions", ct.ACTIONS)  # files from before the action set: all four
-    if isinstance(names, dict):  # msgpack_restore turns a list into {"0": ..., "1": ...}
-        names = list(names.values())
     env = ct.ChunkTTTEnv(ct.ChunkTTT(fast_lm, rho, budget, cfg.reward_mode), num_chunks)
     ppo = make_ppo(cfg, env, None, allowed=tuple(a in names for a in ct.ACTIONS))
     params = nnx.split(ppo.make_model(jax.random.key(0)))[1]
